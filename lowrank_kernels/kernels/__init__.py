@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers. Imported lazily by the ops layer: importing the package never needs Triton."""

@@ -101,7 +101,7 @@ def lora_forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """Forward with the kernels' interface. x: [M, K]. Returns (y [M, N] in x's dtype, xa [M, R] in float32, float64 for float64 x).
+    """Forward with the kernels' interface. x: [M, K] -> (y [M, N] in x's dtype, xa [M, R] float32 or float64).
 
     ``xa`` holds ``drop(x) A[:b]^T`` (unscaled, zero past ``b``): the backward needs it for dB and dv.
     """
@@ -147,8 +147,7 @@ def lora_backward(
 
     dyb = dy @ B  # [M, b]
     dyb_v = dyb if v is None else dyb * v
-    empty = x.new_empty(0)
-    dx = empty
+    dx = x.new_empty(0)
     if needs_dx:
         dx_adapter = scale * (dyb_v @ A)
         if mask is not None:
@@ -157,7 +156,7 @@ def lora_backward(
 
     x_adapter = x.to(compute) if mask is None else x.to(compute) * mask
     keep = frozen_rank_grad_mask(rank, rank, grad_rank_start, device=x.device).to(compute)  # [b]
-    dA, dB = empty, empty
+    dA, dB = x.new_empty(0), x.new_empty(0)  # distinct tensors: custom-op outputs may not alias
     if needs_dAB:
         dA = torch.zeros(lora_A.shape, device=x.device, dtype=compute)
         dB = torch.zeros(lora_B.shape, device=x.device, dtype=compute)

@@ -9,7 +9,7 @@ Math and notation: ``lowrank_kernels/reference.py``. Three kernels cover forward
 
 The active rank ``b`` is a runtime argument everywhere: masked loads and runtime loop bounds, never a
 ``tl.constexpr``, so changing it never recompiles and the bytes read track ``b``. Dropout masks are a pure
-function of ``(seed, row, column)`` (a counter hash), so the backward regenerates the forward's mask instead of saving it.
+function of ``(seed, row, column)`` (a counter hash), so the backward regenerates the forward's mask, never saves it.
 Launchers check nothing the ops layer already checked; they allocate, pick tiles and launch.
 """
 
@@ -37,8 +37,11 @@ def _fmix32(h):
 
 
 @triton.jit
-def _dropout_scale(seed, p_drop, o_m, o_k, n_cols):
-    """[len(o_m), len(o_k)] factors 0 or 1/(1-p) of the dropout mask at (row o_m, column o_k) of an n_cols-wide x.
+def _dropout_keep(seed, p_drop, o_m, o_k, n_cols):
+    """[len(o_m), len(o_k)] booleans: does dropout keep x at (row o_m, column o_k) of an n_cols-wide x?
+
+    Kernels zero the dropped inputs (exact in any dtype) and apply 1/(1-p) to the fp32 accumulator, so a
+    float16 x is never rounded twice.
 
     A hash of (seed, m * n_cols + k), bit-identical to ``reference.dropout_mask``, so every backend, the forward
     and the backward draw the same mask whatever the Triton version.
@@ -49,7 +52,7 @@ def _dropout_scale(seed, p_drop, o_m, o_k, n_cols):
     b_key = _fmix32(seed.to(tl.uint32) ^ 0x9E3779B9)
     b_hash = _fmix32(_fmix32(b_lo ^ b_key) ^ b_hi)
     b_uniform = (b_hash >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits: exact in float32
-    return tl.where(b_uniform >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
+    return b_uniform >= p_drop
 
 
 @triton.jit
@@ -67,7 +70,7 @@ def dropout_mask_kernel(
     """Materialise the dropout mask the other kernels apply (tests and debugging only)."""
     o_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    b_mask = _dropout_scale(seed, p_drop, o_m, o_k, K)
+    b_mask = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), 1.0 / (1.0 - p_drop), 0.0)
     p_out = out_ptr + o_m[:, None] * stride_om + o_k[None, :] * stride_ok
     tl.store(p_out, b_mask, mask=(o_m[:, None] < M) & (o_k[None, :] < K))
 
@@ -114,10 +117,12 @@ def lora_shrink_kernel(
         p_x = x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            b_x = (b_x.to(tl.float32) * _dropout_scale(seed, p_drop, o_m, o_k, K)).to(b_x.dtype)
+            b_x = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
         p_a = a_ptr + o_r[:, None] * stride_ar + o_k[None, :] * stride_ak
         b_a = tl.load(p_a, mask=m_r[:, None] & m_k[None, :], other=0.0)
         b_acc = tl.dot(b_x, tl.trans(b_a), b_acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        b_acc *= 1.0 / (1.0 - p_drop)
     p_t = t_ptr + o_m[:, None] * stride_tm + o_r[None, :] * stride_tr
     tl.store(p_t, b_acc, mask=m_m[:, None] & (o_r[None, :] < R))
 
@@ -191,23 +196,33 @@ def lora_matmul_kernel(
     for k_start in range(0, K, BLOCK_K):
         o_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         m_k = o_k < K
-        b_x = tl.load(x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(w_ptr + o_n[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_n[:, None] & m_k[None, :], other=0.0)
+        b_x = tl.load(
+            x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0
+        )
+        b_w = tl.load(
+            w_ptr + o_n[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_n[:, None] & m_k[None, :], other=0.0
+        )
         b_acc = tl.dot(b_x, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
         if FUSE_SHRINK:
             if SHRINK_DROPOUT:
-                b_x = (b_x.to(tl.float32) * _dropout_scale(seed, p_drop, o_m, o_k, K)).to(b_x.dtype)
+                b_x = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
             p_a = a_ptr + o_ra[:, None] * stride_ar + o_k[None, :] * stride_ak
             b_a = tl.load(p_a, mask=(o_ra[:, None] < rank) & m_k[None, :], other=0.0)
             b_t = tl.dot(b_x, tl.trans(b_a), b_t, input_precision=DOT_PRECISION)
 
     if FUSE_SHRINK:
+        if SHRINK_DROPOUT:
+            b_t *= 1.0 / (1.0 - p_drop)
         if pid_n == 0:
             p_t = t_ptr + o_m[:, None] * stride_tm + o_ra[None, :] * stride_tr
             tl.store(p_t, b_t, mask=m_m[:, None] & (o_ra[None, :] < rank))
         if HAS_RANK_SCALE:
             b_t *= tl.load(v_ptr + o_ra, mask=o_ra < rank, other=0.0).to(tl.float32)[None, :]
-        b_u = tl.load(u_ptr + o_n[:, None] * stride_un + o_ra[None, :] * stride_ur, mask=m_n[:, None] & (o_ra[None, :] < rank), other=0.0)
+        b_u = tl.load(
+            u_ptr + o_n[:, None] * stride_un + o_ra[None, :] * stride_ur,
+            mask=m_n[:, None] & (o_ra[None, :] < rank),
+            other=0.0,
+        )
         b_acc = tl.dot((b_t * scale).to(b_u.dtype), tl.trans(b_u), b_acc, input_precision=DOT_PRECISION)
     else:
         if EPILOGUE_DROPOUT:
@@ -218,13 +233,17 @@ def lora_matmul_kernel(
         for r_start in range(0, rank, BLOCK_R):
             o_r = r_start + tl.arange(0, BLOCK_R)
             m_r = o_r < rank
-            b_t = tl.load(t_ptr + o_m[:, None] * stride_tm + o_r[None, :] * stride_tr, mask=m_m[:, None] & m_r[None, :], other=0.0)
+            b_t = tl.load(
+                t_ptr + o_m[:, None] * stride_tm + o_r[None, :] * stride_tr, mask=m_m[:, None] & m_r[None, :], other=0.0
+            )
             if HAS_RANK_SCALE:
                 b_t *= tl.load(v_ptr + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
-            b_u = tl.load(u_ptr + o_n[:, None] * stride_un + o_r[None, :] * stride_ur, mask=m_n[:, None] & m_r[None, :], other=0.0)
+            b_u = tl.load(
+                u_ptr + o_n[:, None] * stride_un + o_r[None, :] * stride_ur, mask=m_n[:, None] & m_r[None, :], other=0.0
+            )
             b_low = tl.dot((b_t * scale).to(b_u.dtype), tl.trans(b_u), b_low, input_precision=DOT_PRECISION)
         if EPILOGUE_DROPOUT:
-            b_acc += b_low * _dropout_scale(seed, p_drop, o_m, o_n, N)
+            b_acc += tl.where(_dropout_keep(seed, p_drop, o_m, o_n, N), b_low * (1.0 / (1.0 - p_drop)), 0.0)
         else:
             b_acc = b_low
 
@@ -278,12 +297,16 @@ def lora_weight_grad_kernel(
     for m_start in range(m_begin, m_end, BLOCK_M):
         o_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
         m_m = o_m < m_end
-        b_t = tl.load(t_ptr + o_m[:, None] * stride_tm + o_r[None, :] * stride_tr, mask=m_m[:, None] & m_r[None, :], other=0.0)
-        b_x = tl.load(x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_t = tl.load(
+            t_ptr + o_m[:, None] * stride_tm + o_r[None, :] * stride_tr, mask=m_m[:, None] & m_r[None, :], other=0.0
+        )
+        b_x = tl.load(
+            x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0
+        )
         if HAS_DROPOUT:
-            b_x = (b_x.to(tl.float32) * _dropout_scale(seed, p_drop, o_m, o_k, K)).to(b_x.dtype)
+            b_x = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
         b_acc = tl.dot(tl.trans(b_t.to(b_x.dtype)), b_x, b_acc, input_precision=DOT_PRECISION)
-    b_scale = tl.full((BLOCK_R,), scale, tl.float32)
+    b_scale = tl.full((BLOCK_R,), scale / (1.0 - p_drop), tl.float32)  # p_drop = 0 without dropout
     if HAS_RANK_SCALE:
         b_scale *= tl.load(v_ptr + o_r, mask=m_r, other=0.0).to(tl.float32)
     b_acc *= b_scale[:, None]
@@ -311,15 +334,17 @@ def _rank_block(rank: int) -> int:
 def _matmul_tiles(M: int, dtype: torch.dtype) -> dict:
     """Tiles of lora_matmul_kernel. Untuned first picks (no GPU measured yet, see docs/GPU_NOTES.md)."""
     if M <= FUSED_SHRINK_MAX_M:  # decode: memory bound on W; narrow N tiles give >= 1 program per SM
-        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4,
-                    num_stages=4)
+        return dict(
+            BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4
+        )
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _launch_matmul(x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, shrink_dropout, epilogue_dropout,
-                   p_drop, seed):
+def _launch_matmul(
+    x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, shrink_dropout, epilogue_dropout, p_drop, seed
+):
     """y = x w^T + bias + scale * (t * v) u^T (see lora_matmul_kernel); w, u, a may be any strided views."""
     M, K = x.shape
     N = w.shape[0]
@@ -354,8 +379,17 @@ def _launch_shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed
     return t
 
 
-def _launch_weight_grad(t: Tensor, x: Tensor, v: Tensor | None, *, scale: float, rank_start: int, rank: int,
-                        p_drop: float = 0.0, seed: int = 0) -> Tensor:
+def _launch_weight_grad(
+    t: Tensor,
+    x: Tensor,
+    v: Tensor | None,
+    *,
+    scale: float,
+    rank_start: int,
+    rank: int,
+    p_drop: float = 0.0,
+    seed: int = 0,
+) -> Tensor:
     """[rank - rank_start, K] float32 = scale * v * t[:, rank_start:rank]^T drop(x), deterministic split-M sum."""
     M, K = x.shape
     n_ranks = rank - rank_start
@@ -401,16 +435,15 @@ def lora_backward(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, ra
     """Returns (dx [M, K], dA [R, K], dB [N, R], dv [R] | None); dx / dA, dB empty [0] when not needed."""
     M, K = x.shape
     dy = grad_out
-    empty = x.new_empty(0)
     dyb = _launch_shrink(dy, lora_B.t(), rank)  # [M, R] float32, dy B[:, :rank]
-    dx = empty
+    dx = x.new_empty(0)
     if needs_dx:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         # dx = dy W0 + s drop'((dyb * v) A): the GEMM over N with A^T as the low-rank "up" matrix.
         _launch_matmul(dy, weight.t(), None, dyb, lora_A.t(), rank_scale, None, dx, scale=scale, rank=rank,
                        fuse_shrink=False, shrink_dropout=False, epilogue_dropout=dropout_p > 0.0, p_drop=dropout_p,
                        seed=seed)  # fmt: skip
-    dA, dB = empty, empty
+    dA, dB = x.new_empty(0), x.new_empty(0)  # distinct tensors: custom-op outputs may not alias
     if needs_dAB:
         dA = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
         dB = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)

@@ -93,8 +93,20 @@ def lora_bwd(
     needs_dAB: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, dv); dx (dA, dB) is empty [0] unless needs_dx (needs_dAB); dv empty without v."""
-    args = (grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p,
-            _seed_int(seed))
+    args = (
+        grad_out,
+        x,
+        weight,
+        lora_A,
+        lora_B,
+        rank_scale,
+        xa,
+        scale,
+        rank,
+        grad_rank_start,
+        dropout_p,
+        _seed_int(seed),
+    )
     if x.shape[0] == 0:
         dx, dA, dB, dv = reference.lora_backward(*args, needs_dx=needs_dx, needs_dAB=needs_dAB)
     else:

@@ -1,0 +1,94 @@
+"""Backend choice: automatic, by environment, by context manager; clear errors; fallback of an automatic choice."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import HAS_CUDA, HAS_TRITON, make_lora_inputs
+
+from lowrank_kernels import BackendUnavailableError, available_backends, lora_linear, use_backend
+from lowrank_kernels import backend as backend_mod
+
+
+def test_context_manager_nests_and_restores(monkeypatch):
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    assert backend_mod.requested_backend() is None
+    with use_backend("torch"):
+        assert backend_mod.requested_backend() == "torch"
+        with use_backend("triton"):
+            assert backend_mod.requested_backend() == "triton"
+        assert backend_mod.requested_backend() == "torch"
+    assert backend_mod.requested_backend() is None
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(backend_mod.ENV_VAR, "torch")
+    assert backend_mod.requested_backend() == "torch"
+    with use_backend("triton"):  # the context manager wins over the environment
+        assert backend_mod.requested_backend() == "triton"
+    monkeypatch.setenv(backend_mod.ENV_VAR, "auto")
+    assert backend_mod.requested_backend() is None
+    monkeypatch.setenv(backend_mod.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match=backend_mod.ENV_VAR):
+        backend_mod.requested_backend()
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="use_backend"):
+        with use_backend("numpy"):
+            pass
+
+
+def test_requested_cuda_extension_unavailable_raises():
+    """The csrc extension is not built yet (issue #5): asking for it by name says so, never silently falls back."""
+    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float32, device="cpu")
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="'cuda' was requested"):
+        lora_linear(x, weight, bias, A, B, scale=1.0)
+
+
+def test_requested_triton_without_gpu_or_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float32, device="cpu")
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="Triton needs CUDA tensors"):
+        lora_linear(x, weight, bias, A, B, scale=1.0)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed")
+def test_requested_triton_rejects_float64():
+    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float64, device="cpu")
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="float16/bfloat16/float32"):
+        lora_linear(x, weight, bias, A, B, scale=1.0)
+
+
+def test_auto_on_cpu_is_the_reference(monkeypatch):
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    assert available_backends("cpu")[0] == "torch"
+    calls = []
+    impls = {"torch": lambda: calls.append("torch") or "ref", "triton": lambda: calls.append("triton")}
+    assert backend_mod.dispatch("op", impls, torch.device("cpu")) == "ref"
+    assert calls == ["torch"]
+
+
+def test_auto_choice_that_fails_falls_back_with_one_warning(monkeypatch):
+    """Pretend to be on a GPU where Triton is available but broken: the reference answers, with one warning."""
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend_mod, "availability", lambda name, device: None if name != "cuda" else "absent")
+
+    def broken():
+        raise RuntimeError("PTX compile failed")
+
+    impls = {"triton": broken, "torch": lambda: "reference"}
+    fake_gpu = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="triton backend failed for fallback_op"):
+        assert backend_mod.dispatch("fallback_op", impls, fake_gpu) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not on every call
+        assert backend_mod.dispatch("fallback_op", impls, fake_gpu) == "reference"
+    # Asked for by name, the same failure propagates.
+    with use_backend("triton"), pytest.raises(RuntimeError, match="PTX compile failed"):
+        backend_mod.dispatch("fallback_op", impls, fake_gpu)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_auto_on_cuda_prefers_triton():
+    assert available_backends("cuda")[:1] == ["triton"]

@@ -5,6 +5,7 @@ backend dispatch) -> ``modules`` (drop-in nn.Linear replacements) -> training he
 """
 
 from .backend import BackendUnavailableError, available_backends, use_backend
+from .dylora import RankSampler, set_model_rank
 from .modules.lora import LoRALinear
 from .ops.lora import dropout_mask, lora_linear
 
@@ -13,8 +14,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "LoRALinear",
+    "RankSampler",
     "available_backends",
     "dropout_mask",
     "lora_linear",
+    "set_model_rank",
     "use_backend",
 ]

@@ -24,11 +24,22 @@ SHAPES = [
     pytest.param(9, 33, 21, 130, 129, id="M9-K33-N21-r130-b129"),  # rank > 128: decode without the fused shrink
 ]
 
+# The Triton backend has two strategies above M = 64 (our GEMM with the low-rank epilogue, or cuBLAS + an in-place
+# rank-b addmm, see kernels.lora.use_cublas_gemm): both are tested, forced through the environment.
 CASES = [
-    pytest.param(backend, dtype, id=f"{backend}-{str(dtype).removeprefix('torch.')}")
+    pytest.param(backend, dtype, gemm, id=f"{backend}{'-' + gemm if gemm else ''}-{str(dtype).removeprefix('torch.')}")
     for backend in kernel_backends()
+    for gemm in ([None] if backend == "torch" else ["triton", "cublas"])
     for dtype in kernel_dtypes(backend)
 ]
+
+
+@pytest.fixture
+def gemm(request, monkeypatch):
+    """Forces the Triton backend's GEMM strategy for the test (the ``gemm`` parameter of CASES)."""
+    if request.param is not None:
+        monkeypatch.setenv("LOWRANK_KERNELS_LORA_GEMM", request.param)
+    return request.param
 
 
 def run_and_check(backend, dtype, M, K, N, R, b, *, bias=True, rank_scale=False, dropout=0.0, frozen=False,
@@ -60,9 +71,9 @@ def run_and_check(backend, dtype, M, K, N, R, b, *, bias=True, rank_scale=False,
     return y
 
 
-@pytest.mark.parametrize("backend, dtype", CASES)
+@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M, K, N, R, b", SHAPES)
-def test_forward_backward(backend, dtype, M, K, N, R, b, poison_empty):
+def test_forward_backward(backend, dtype, gemm, M, K, N, R, b, poison_empty):
     run_and_check(backend, dtype, M, K, N, R, b)
 
 
@@ -78,16 +89,16 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("backend, dtype", CASES)
+@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M, b", [pytest.param(5, 3, id="decode-M5"), pytest.param(70, 6, id="prefill-M70")])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variants(backend, dtype, M, b, variant, poison_empty):
+def test_variants(backend, dtype, gemm, M, b, variant, poison_empty):
     run_and_check(backend, dtype, M, 37, 29, 8, b, **variant)
 
 
-@pytest.mark.parametrize("backend, dtype", CASES)
+@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M", [5, 70])
-def test_strided_input(backend, dtype, M, poison_empty):
+def test_strided_input(backend, dtype, gemm, M, poison_empty):
     """A 2-D view with column stride 2 reaches the kernels as is: its strides must be honoured."""
     K, b = 37, 6
     wide, weight, bias_t, A, B, _ = make_lora_inputs(M, 2 * K, 29, 8, dtype)
@@ -222,3 +233,18 @@ def test_gpu_int64_offsets():
     tail = slice(M - 64, M)
     y_ref, _ = oracle(x[tail], weight, bias_t, A, B, None, scale=SCALE, rank=R)
     assert rel_err(y[tail], y_ref) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif("triton" not in kernel_backends(), reason="Triton not installed")
+def test_gemm_strategy_choice(monkeypatch):
+    from lowrank_kernels.kernels.lora import CUBLAS_GEMM_MIN_M, GEMM_ENV_VAR, use_cublas_gemm
+
+    monkeypatch.delenv(GEMM_ENV_VAR, raising=False)
+    assert not use_cublas_gemm(CUBLAS_GEMM_MIN_M - 1) and use_cublas_gemm(CUBLAS_GEMM_MIN_M)
+    monkeypatch.setenv(GEMM_ENV_VAR, "triton")
+    assert not use_cublas_gemm(8192)
+    monkeypatch.setenv(GEMM_ENV_VAR, "cuBLAS")
+    assert use_cublas_gemm(1)
+    monkeypatch.setenv(GEMM_ENV_VAR, "magma")
+    with pytest.raises(ValueError, match=GEMM_ENV_VAR):
+        use_cublas_gemm(1)

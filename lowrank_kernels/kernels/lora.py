@@ -15,6 +15,8 @@ Launchers check nothing the ops layer already checked; they allocate, pick tiles
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,20 @@ from torch import Tensor
 # Forward at M <= 64 runs as one launch that also computes xa; it keeps xa for all ranks in registers.
 FUSED_SHRINK_MAX_M = 64
 FUSED_SHRINK_MAX_RANK = 128
+# Above this M the base GEMM goes to cuBLAS and the low-rank term is added by an in-place rank-b addmm: BENCH.md
+# measured a plain Triton GEMM at 1.12-1.27x cuBLAS for M >= 2048 on an H100 (0.95-1.06x for M <= 64), so until our
+# own GEMM is measured at least as fast, cuBLAS + epilogue is the safer prediction. LOWRANK_KERNELS_LORA_GEMM=triton
+# or =cublas forces one strategy (the benchmarks time both). Unmeasured: see docs/GPU_NOTES.md.
+CUBLAS_GEMM_MIN_M = 65
+GEMM_ENV_VAR = "LOWRANK_KERNELS_LORA_GEMM"
+
+
+def use_cublas_gemm(M: int) -> bool:
+    """Whether the base GEMM of an M-row call goes to cuBLAS (then low-rank epilogue) or to our fused kernel."""
+    choice = os.environ.get(GEMM_ENV_VAR, "auto").strip().lower()
+    if choice not in ("auto", "triton", "cublas"):
+        raise ValueError(f"{GEMM_ENV_VAR} must be auto, triton or cublas, got {choice!r}")
+    return choice == "cublas" or (choice == "auto" and M >= CUBLAS_GEMM_MIN_M)
 
 
 @triton.jit
@@ -413,12 +429,18 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scale, rank, dropo
                  ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """x: [M, K] -> (y [M, N] in x's dtype, xa [M, R] float32 = drop(x) A[:rank]^T, zero past rank).
 
-    One launch when M <= 64 (the shrink rides the GEMM's K loop), else a shrink and the GEMM.
+    One launch when M <= 64 (the shrink rides the GEMM's K loop), else a shrink and then either our GEMM with the
+    low-rank epilogue or cuBLAS plus an in-place rank-b addmm (``use_cublas_gemm``).
     """
     M = x.shape[0]
     N, R = lora_B.shape
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     fuse = M <= FUSED_SHRINK_MAX_M and R <= FUSED_SHRINK_MAX_RANK
+    if not fuse and use_cublas_gemm(M):
+        xa = _launch_shrink(x, lora_A, rank, p_drop=dropout_p, seed=seed)
+        y = torch.nn.functional.linear(x, weight, bias)
+        y.addmm_(_scaled(xa, rank_scale, scale, rank, x.dtype), lora_B[:, :rank].t())
+        return y, xa
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if fuse:
         # Column block 0 writes xa[:, :rank]; the zeros past rank come from here.
         xa = torch.zeros(M, R, device=x.device, dtype=torch.float32)
@@ -430,19 +452,28 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scale, rank, dropo
     return y, xa
 
 
+def _scaled(t: Tensor, rank_scale: Tensor | None, scale: float, rank: int, dtype: torch.dtype) -> Tensor:
+    """scale * (t * v)[:, :rank] in ``dtype``: the left factor of the cuBLAS low-rank epilogue."""
+    t = t[:, :rank] * scale
+    return (t if rank_scale is None else t * rank_scale[:rank]).to(dtype)
+
+
 def lora_backward(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed,
                   needs_dx=True, needs_dAB=True):  # fmt: skip
     """Returns (dx [M, K], dA [R, K], dB [N, R], dv [R] | None); dx / dA, dB empty [0] when not needed."""
-    M, K = x.shape
+    M = x.shape[0]
     dy = grad_out
     dyb = _launch_shrink(dy, lora_B.t(), rank)  # [M, R] float32, dy B[:, :rank]
     dx = x.new_empty(0)
     if needs_dx:
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        # dx = dy W0 + s drop'((dyb * v) A): the GEMM over N with A^T as the low-rank "up" matrix.
-        _launch_matmul(dy, weight.t(), None, dyb, lora_A.t(), rank_scale, None, dx, scale=scale, rank=rank,
-                       fuse_shrink=False, shrink_dropout=False, epilogue_dropout=dropout_p > 0.0, p_drop=dropout_p,
-                       seed=seed)  # fmt: skip
+        if use_cublas_gemm(M) and dropout_p == 0.0:  # with dropout the mask rides our GEMM's epilogue
+            dx = torch.mm(dy, weight).addmm_(_scaled(dyb, rank_scale, scale, rank, x.dtype), lora_A[:rank])
+        else:
+            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+            # dx = dy W0 + s drop'((dyb * v) A): the GEMM over N with A^T as the low-rank "up" matrix.
+            _launch_matmul(dy, weight.t(), None, dyb, lora_A.t(), rank_scale, None, dx, scale=scale, rank=rank,
+                           fuse_shrink=False, shrink_dropout=False, epilogue_dropout=dropout_p > 0.0,
+                           p_drop=dropout_p, seed=seed)  # fmt: skip
     dA, dB = x.new_empty(0), x.new_empty(0)  # distinct tensors: custom-op outputs may not alias
     if needs_dAB:
         dA = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)

@@ -130,22 +130,23 @@ def test_tolerance_catches_a_wrong_rank(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-def test_dropout_mask_is_shared_and_reproducible(backend):
+@pytest.mark.parametrize("seed", [1, 7])  # 1: Triton would specialise an int argument equal to 1 into a constexpr
+def test_dropout_mask_is_shared_and_reproducible(backend, seed):
     """Same seed -> same output; the mask drops about p of the entries; backends agree on the mask bit for bit."""
     x, weight, bias_t, A, B, _ = make_lora_inputs(40, 64, 24, 8, torch.float32)
     with use_backend(backend):
-        y1 = lora_linear(x, weight, bias_t, A, B, scale=SCALE, dropout=0.25, seed=7)
-        y2 = lora_linear(x, weight, bias_t, A, B, scale=SCALE, dropout=0.25, seed=7)
-        y3 = lora_linear(x, weight, bias_t, A, B, scale=SCALE, dropout=0.25, seed=8)
+        y1 = lora_linear(x, weight, bias_t, A, B, scale=SCALE, dropout=0.25, seed=seed)
+        y2 = lora_linear(x, weight, bias_t, A, B, scale=SCALE, dropout=0.25, seed=seed)
+        y3 = lora_linear(x, weight, bias_t, A, B, scale=SCALE, dropout=0.25, seed=seed + 1)
     assert torch.equal(y1, y2)
     assert not torch.allclose(y1, y3)
-    mask = dropout_mask(7, (40, 64), 0.25, x.device)
+    mask = dropout_mask(seed, (40, 64), 0.25, x.device)
     assert abs((mask == 0).float().mean().item() - 0.25) < 0.03
     assert torch.all((mask == 0) | (mask == torch.tensor(1 / 0.75, dtype=torch.float32)))
     if backend == "triton":
         from lowrank_kernels.kernels.lora import dropout_mask as kernel_mask
 
-        assert torch.equal(kernel_mask(7, (40, 64), 0.25, x.device), mask)
+        assert torch.equal(kernel_mask(seed, (40, 64), 0.25, x.device), mask)
 
 
 def test_default_seed_follows_torch_manual_seed():

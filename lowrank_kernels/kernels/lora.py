@@ -71,7 +71,7 @@ def _dropout_keep(seed, p_drop, o_m, o_k, n_cols):
     return b_uniform >= p_drop
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def dropout_mask_kernel(
     out_ptr,
     seed,
@@ -91,7 +91,7 @@ def dropout_mask_kernel(
     tl.store(p_out, b_mask, mask=(o_m[:, None] < M) & (o_k[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def lora_shrink_kernel(
     x_ptr,
     a_ptr,
@@ -143,7 +143,7 @@ def lora_shrink_kernel(
     tl.store(p_t, b_acc, mask=m_m[:, None] & (o_r[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def lora_matmul_kernel(
     x_ptr,
     w_ptr,
@@ -269,7 +269,7 @@ def lora_matmul_kernel(
     tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def lora_weight_grad_kernel(
     t_ptr,
     x_ptr,
@@ -322,7 +322,7 @@ def lora_weight_grad_kernel(
         if HAS_DROPOUT:
             b_x = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
         b_acc = tl.dot(tl.trans(b_t.to(b_x.dtype)), b_x, b_acc, input_precision=DOT_PRECISION)
-    b_scale = tl.full((BLOCK_R,), scale / (1.0 - p_drop), tl.float32)  # p_drop = 0 without dropout
+    b_scale = tl.zeros((BLOCK_R,), tl.float32) + scale / (1.0 - p_drop)  # p_drop = 0 without dropout
     if HAS_RANK_SCALE:
         b_scale *= tl.load(v_ptr + o_r, mask=m_r, other=0.0).to(tl.float32)
     b_acc *= b_scale[:, None]
@@ -347,15 +347,27 @@ def _rank_block(rank: int) -> int:
     return min(64, max(16, triton.next_power_of_2(rank)))
 
 
-def _matmul_tiles(M: int, dtype: torch.dtype) -> dict:
-    """Tiles of lora_matmul_kernel. Untuned first picks (no GPU measured yet, see docs/GPU_NOTES.md)."""
+# Hopper allows 227 KB of shared memory per block; leave room for the epilogue's layout conversions.
+SHARED_MEMORY_BUDGET = 160 * 1024
+
+
+def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int) -> dict:
+    """Tiles of lora_matmul_kernel. Untuned first picks (no GPU measured yet, see docs/GPU_NOTES.md).
+
+    ``fused_rank_block``: rows of A streamed beside W when the shrink is fused (0 otherwise). The pipeline depth
+    is the most stages (<= 4) whose x, W (and A) tiles fit the shared-memory budget.
+    """
     if M <= FUSED_SHRINK_MAX_M:  # decode: memory bound on W; narrow N tiles give >= 1 program per SM
-        return dict(
-            BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4
-        )
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        tiles = dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4)
+    elif dtype == torch.float32:
+        tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4)
+    else:
+        tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8)
+    if dtype == torch.float32 and M <= FUSED_SHRINK_MAX_M:
+        tiles["BLOCK_K"] = 64
+    stage_bytes = (tiles["BLOCK_M"] + tiles["BLOCK_N"] + fused_rank_block) * tiles["BLOCK_K"] * dtype.itemsize
+    tiles["num_stages"] = max(1, min(4, SHARED_MEMORY_BUDGET // stage_bytes))
+    return tiles
 
 
 def _launch_matmul(
@@ -364,8 +376,8 @@ def _launch_matmul(
     """y = x w^T + bias + scale * (t * v) u^T (see lora_matmul_kernel); w, u, a may be any strided views."""
     M, K = x.shape
     N = w.shape[0]
-    tiles = _matmul_tiles(M, x.dtype)
     block_r = max(16, triton.next_power_of_2(a.shape[0])) if fuse_shrink else _rank_block(rank)
+    tiles = _matmul_tiles(M, x.dtype, block_r if fuse_shrink else 0)
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
     a = a if a is not None else u  # unused when not fusing; any tensor satisfies the signature
     lora_matmul_kernel[grid](

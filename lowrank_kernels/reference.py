@@ -83,12 +83,6 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.devi
     return torch.where(uniform >= torch.tensor(p, dtype=torch.float32), factor, 0.0).reshape(M, K)
 
 
-def frozen_rank_grad_mask(rank_total: int, rank: int, grad_rank_start: int, device=None) -> Tensor:
-    """[R] boolean mask of the ranks that receive gradient: ``grad_rank_start <= i < rank``."""
-    i = torch.arange(rank_total, device=device)
-    return (i >= grad_rank_start) & (i < rank)
-
-
 def lora_forward(
     x: Tensor,
     weight: Tensor,
@@ -155,7 +149,7 @@ def lora_backward(
         dx = (dy @ weight.to(compute) + dx_adapter).to(x.dtype)
 
     x_adapter = x.to(compute) if mask is None else x.to(compute) * mask
-    keep = frozen_rank_grad_mask(rank, rank, grad_rank_start, device=x.device).to(compute)  # [b]
+    keep = (torch.arange(rank, device=x.device) >= grad_rank_start).to(compute)  # [b]; frozen: only b - 1
     dA, dB = x.new_empty(0), x.new_empty(0)  # distinct tensors: custom-op outputs may not alias
     if needs_dAB:
         dA = torch.zeros(lora_A.shape, device=x.device, dtype=compute)

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import HAS_CUDA, HAS_TRITON, make_lora_inputs
+from helpers import HAS_CUDA, HAS_TRITON, make_lora_inputs
 
 from lowrank_kernels import BackendUnavailableError, available_backends, lora_linear, use_backend
 from lowrank_kernels import backend as backend_mod
@@ -92,3 +92,28 @@ def test_auto_choice_that_fails_falls_back_with_one_warning(monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_auto_on_cuda_prefers_triton():
     assert available_backends("cuda")[:1] == ["triton"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed")
+def test_backward_uses_the_forward_backend(monkeypatch):
+    """Autograd may run the backward on another thread (CUDA), outside the forward's use_backend context."""
+    from lowrank_kernels.ops import lora as lora_ops
+
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    calls = []
+
+    def recording(name, impl):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return impl(*args, **kwargs)
+
+        return run
+
+    for name, impl in list(lora_ops._BACKWARD_IMPLS.items()):
+        monkeypatch.setitem(lora_ops._BACKWARD_IMPLS, name, recording(name, impl))
+    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float32, device="cpu")
+    A.requires_grad_()
+    with use_backend("triton"):
+        y = lora_linear(x, weight, bias, A, B, scale=1.0)
+    y.sum().backward()  # outside the context: the automatic choice on CPU would be torch
+    assert calls == ["triton"]

@@ -5,7 +5,7 @@ On CPU the reference backend runs inside the registered ops; on a GPU the same t
 
 import pytest
 import torch
-from conftest import DEVICE
+from helpers import DEVICE
 from torch import nn
 
 from lowrank_kernels import LoRALinear, lora_linear

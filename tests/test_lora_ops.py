@@ -6,7 +6,7 @@ on the device, plus the GPU-marked realistic sizes in bf16 at the bottom.
 
 import pytest
 import torch
-from conftest import HAS_CUDA, REL_TOL, kernel_backends, kernel_dtypes, make_lora_inputs, oracle, rel_err
+from helpers import HAS_CUDA, REL_TOL, kernel_backends, kernel_dtypes, make_lora_inputs, oracle, rel_err
 
 from lowrank_kernels import dropout_mask, lora_linear, use_backend
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import REL_TOL, kernel_backends, oracle, rel_err
+from helpers import REL_TOL, kernel_backends, oracle, rel_err
 from torch import nn
 
 from lowrank_kernels import LoRALinear, use_backend

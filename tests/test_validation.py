@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_lora_inputs
+from helpers import make_lora_inputs
 
 from lowrank_kernels import lora_linear
 

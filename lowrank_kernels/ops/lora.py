@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import UnsupportedInputError, dispatch
+from ..backend import UnsupportedInputError, dispatch, requested_backend, use_backend
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -91,8 +91,13 @@ def lora_bwd(
     seed: Tensor | None,
     needs_dx: bool,
     needs_dAB: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dA, dB, dv); dx (dA, dB) is empty [0] unless needs_dx (needs_dAB); dv empty without v."""
+    """Returns (dx, dA, dB, dv); dx (dA, dB) is empty [0] unless needs_dx (needs_dAB); dv empty without v.
+
+    ``backend``: the backend the forward was asked to use ("" for the automatic choice). Autograd runs a CUDA
+    backward on its own thread, where the forward's ``use_backend`` context is not visible, so it travels here.
+    """
     args = (
         grad_out,
         x,
@@ -110,13 +115,16 @@ def lora_bwd(
     if x.shape[0] == 0:
         dx, dA, dB, dv = reference.lora_backward(*args, needs_dx=needs_dx, needs_dAB=needs_dAB)
     else:
-        dx, dA, dB, dv = dispatch("lora_bwd", _BACKWARD_IMPLS, x.device, *args, needs_dx=needs_dx, needs_dAB=needs_dAB)
+        with use_backend(backend or None):
+            dx, dA, dB, dv = dispatch(
+                "lora_bwd", _BACKWARD_IMPLS, x.device, *args, needs_dx=needs_dx, needs_dAB=needs_dAB
+            )
     return dx, dA, dB, x.new_empty(0) if dv is None else dv
 
 
 @lora_bwd.register_fake
 def _(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed, needs_dx,
-      needs_dAB):  # fmt: skip
+      needs_dAB, backend):  # fmt: skip
     dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
     dA = torch.empty_like(lora_A) if needs_dAB else x.new_empty(0)
     dB = torch.empty_like(lora_B) if needs_dAB else x.new_empty(0)
@@ -127,17 +135,17 @@ def _(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_ran
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, rank_scale, scale, rank, grad_rank_start, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, rank_scale, output[1], seed)
-    ctx.args = (scale, rank, grad_rank_start, dropout_p)
+    ctx.args = (scale, rank, grad_rank_start, dropout_p, requested_backend() or "")
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, _grad_xa):
     x, weight, lora_A, lora_B, rank_scale, xa, seed = ctx.saved_tensors
-    scale, rank, grad_rank_start, dropout_p = ctx.args
+    scale, rank, grad_rank_start, dropout_p, backend = ctx.args
     needs = ctx.needs_input_grad  # x, weight, bias, lora_A, lora_B, rank_scale, ...
     needs_dAB = needs[3] or needs[4] or needs[5]
     dx, dA, dB, dv = lora_bwd(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start,
-                              dropout_p, seed, needs[0], needs_dAB)  # fmt: skip
+                              dropout_p, seed, needs[0], needs_dAB, backend)  # fmt: skip
     # W0 and bias are frozen in a LoRA layer; should a caller train them anyway, their gradients are plain.
     d_weight = grad_out.t().to(x.dtype) @ x if needs[1] else None
     d_bias = grad_out.sum(0) if needs[2] else None

@@ -1,6 +1,6 @@
 """Triton kernels for LoRA / DyLoRA (``y = x W0^T + bias + s ((drop(x) A[:b]^T) * v) B[:, :b]^T``) and launchers.
 
-Math and notation: ``lowrank_kernels/reference.py``. Three kernels cover forward and backward:
+Math and notation: ``lowrank_kernels/reference/lora.py``. Three kernels cover forward and backward:
 
 - ``lora_shrink_kernel``:  ``t = drop(x) A[:b]^T``              (forward ``xa``; backward ``dyb = dy B[:, :b]``)
 - ``lora_matmul_kernel``:  ``y = x W^T + bias + s (t * v) U^T``  (forward ``y``; backward ``dx``), the low-rank

@@ -14,8 +14,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from .. import reference
 from ..backend import UnsupportedInputError, dispatch, requested_backend, use_backend
+from ..reference import lora as reference
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -5,6 +5,7 @@ Math and notation: ``lowrank_kernels/reference/lora.py``. Three kernels cover fo
 - ``lora_shrink_kernel``:  ``t = drop(x) A[:b]^T``              (forward ``xa``; backward ``dyb = dy B[:, :b]``)
 - ``lora_matmul_kernel``:  ``y = x W^T + bias + s (t * v) U^T``  (forward ``y``; backward ``dx``), the low-rank
   term added in the GEMM epilogue. At decode sizes it also computes ``t`` itself, so the forward is one launch.
+  Optionally (DoRA, ``kernels/dora.py``) a per-column output scale and a second accumulator for ``drop(x) W^T``.
 - ``lora_weight_grad_kernel``: ``out = s v * t^T drop(x)``     (``dA`` and ``dB^T``), split over M.
 
 The active rank ``b`` is a runtime argument everywhere: masked loads and runtime loop bounds, never a
@@ -153,6 +154,10 @@ def lora_matmul_kernel(
     v_ptr,
     a_ptr,
     y_ptr,
+    cs_num_ptr,
+    cs_den_ptr,
+    xd_ptr,
+    z_ptr,
     seed,
     M,
     N,
@@ -172,11 +177,17 @@ def lora_matmul_kernel(
     stride_ak,
     stride_ym,
     stride_yn,
+    stride_xdm,
+    stride_xdk,
+    stride_zm,
+    stride_zn,
     HAS_BIAS: tl.constexpr,
     HAS_RANK_SCALE: tl.constexpr,
     FUSE_SHRINK: tl.constexpr,
     SHRINK_DROPOUT: tl.constexpr,
     EPILOGUE_DROPOUT: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
+    DROPPED_X: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -190,8 +201,17 @@ def lora_matmul_kernel(
     FUSE_SHRINK: t = drop(x) A[:rank]^T is accumulated in the main loop from the same x tiles (BLOCK_R covers
     every rank) and the programs of column block 0 write it to t_ptr for the backward.
     EPILOGUE_DROPOUT: the low-rank term (only) is multiplied by the dropout mask at (m, n) -- the backward's dx.
+    HAS_COL_SCALE: the sum (x W^T + low-rank) is multiplied by ``g[n] = num[n] / den[n]`` before the bias (DoRA's
+    ``m / ||W0 + s B A||``; the ratio is taken here so a cached norm costs no extra launch).
+    DROPPED_X (not with FUSE_SHRINK): a second accumulator takes ``drop(x) W^T`` from the same W tiles, reading
+    ``xd`` = x with its dropped entries zeroed (unscaled; 1/(1-p) is applied to the accumulator), and
+    ``y = (x - drop(x)) W^T + g * (drop(x) W^T + low-rank) + bias`` (DoRA's dropout form, peft's
+    ``x W0^T + (g - 1) drop(x) W0^T + g s ...``); ``z = drop(x) W^T + low-rank`` (before g) is stored to z_ptr.
+    xd is an input, not a mask drawn here: every column block would redraw the same [BLOCK_M, K] mask, N / BLOCK_N
+    hashes per element (estimate: at M = 2048 on 4096x4096, 270M hashes of ~25 integer ops, several GEMMs' time).
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M row blocks so W tiles stay in L2.
     """
+    tl.static_assert(not (DROPPED_X and FUSE_SHRINK), "DROPPED_X reads xd; the fused shrink draws its own mask")
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -206,6 +226,8 @@ def lora_matmul_kernel(
     m_m = o_m < M
     m_n = o_n < N
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DROPPED_X:
+        b_acc_drop = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FUSE_SHRINK:
         o_ra = tl.arange(0, BLOCK_R)
         b_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -219,6 +241,13 @@ def lora_matmul_kernel(
             w_ptr + o_n[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_n[:, None] & m_k[None, :], other=0.0
         )
         b_acc = tl.dot(b_x, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
+        if DROPPED_X:
+            b_xd = tl.load(
+                xd_ptr + o_m[:, None] * stride_xdm + o_k[None, :] * stride_xdk,
+                mask=m_m[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            b_acc_drop = tl.dot(b_xd, tl.trans(b_w), b_acc_drop, input_precision=DOT_PRECISION)
         if FUSE_SHRINK:
             if SHRINK_DROPOUT:
                 b_x = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
@@ -226,6 +255,11 @@ def lora_matmul_kernel(
             b_a = tl.load(p_a, mask=(o_ra[:, None] < rank) & m_k[None, :], other=0.0)
             b_t = tl.dot(b_x, tl.trans(b_a), b_t, input_precision=DOT_PRECISION)
 
+    if DROPPED_X:
+        # From here b_acc is drop(x) W^T, the part the low-rank term joins and g scales; the rest is added at the end.
+        b_acc_drop *= 1.0 / (1.0 - p_drop)
+        b_rest = b_acc - b_acc_drop
+        b_acc = b_acc_drop
     if FUSE_SHRINK:
         if SHRINK_DROPOUT:
             b_t *= 1.0 / (1.0 - p_drop)
@@ -263,6 +297,15 @@ def lora_matmul_kernel(
         else:
             b_acc = b_low
 
+    if DROPPED_X:
+        p_z = z_ptr + o_m[:, None] * stride_zm + o_n[None, :] * stride_zn
+        tl.store(p_z, b_acc.to(z_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    if HAS_COL_SCALE:
+        b_num = tl.load(cs_num_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_den = tl.load(cs_den_ptr + o_n, mask=m_n, other=1.0).to(tl.float32)
+        b_acc *= tl.div_rn(b_num, b_den)[None, :]  # IEEE division: m / norm is exactly 1 when m == norm
+    if DROPPED_X:
+        b_acc += b_rest
     if HAS_BIAS:
         b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     p_y = y_ptr + o_m[:, None] * stride_ym + o_n[None, :] * stride_yn
@@ -351,11 +394,13 @@ def _rank_block(rank: int) -> int:
 SHARED_MEMORY_BUDGET = 160 * 1024
 
 
-def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int) -> dict:
+def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumulators: bool = False) -> dict:
     """Tiles of lora_matmul_kernel. Untuned first picks (no GPU measured yet, see docs/GPU_NOTES.md).
 
     ``fused_rank_block``: rows of A streamed beside W when the shrink is fused (0 otherwise). The pipeline depth
-    is the most stages (<= 4) whose x, W (and A) tiles fit the shared-memory budget.
+    is the most stages (<= 4) whose x, W (and A) tiles fit the shared-memory budget. ``two_accumulators``
+    (DROPPED_X): a second fp32 [BLOCK_M, BLOCK_N] accumulator, so prefill tiles halve BLOCK_M to keep both in
+    registers (2 x 64 x 128 fp32 over 8 warps: 64 registers a thread), and each stage also holds an xd tile.
     """
     if M <= FUSED_SHRINK_MAX_M:  # decode: memory bound on W; narrow N tiles give >= 1 program per SM
         tiles = dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4)
@@ -365,29 +410,39 @@ def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int) -> dict:
         tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8)
     if dtype == torch.float32 and M <= FUSED_SHRINK_MAX_M:
         tiles["BLOCK_K"] = 64
-    stage_bytes = (tiles["BLOCK_M"] + tiles["BLOCK_N"] + fused_rank_block) * tiles["BLOCK_K"] * dtype.itemsize
+    if two_accumulators and M > FUSED_SHRINK_MAX_M and dtype != torch.float32:
+        tiles["BLOCK_M"] = 64
+    rows_per_stage = tiles["BLOCK_M"] * (2 if two_accumulators else 1) + tiles["BLOCK_N"] + fused_rank_block
+    stage_bytes = rows_per_stage * tiles["BLOCK_K"] * dtype.itemsize
     tiles["num_stages"] = max(1, min(4, SHARED_MEMORY_BUDGET // stage_bytes))
     return tiles
 
 
 def _launch_matmul(
-    x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, shrink_dropout, epilogue_dropout, p_drop, seed
-):
-    """y = x w^T + bias + scale * (t * v) u^T (see lora_matmul_kernel); w, u, a may be any strided views."""
+    x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, shrink_dropout, epilogue_dropout, p_drop, seed,
+    col_scale=None, xd=None, z=None,
+):  # fmt: skip
+    """y = x w^T + bias + scale * (t * v) u^T (see lora_matmul_kernel); w, u, a may be any strided views.
+
+    ``col_scale``: (num [N], den [N]), HAS_COL_SCALE; ``xd`` [M, K] and ``z`` [M, N] (together): DROPPED_X.
+    """
     M, K = x.shape
     N = w.shape[0]
     block_r = max(16, triton.next_power_of_2(a.shape[0])) if fuse_shrink else _rank_block(rank)
-    tiles = _matmul_tiles(M, x.dtype, block_r if fuse_shrink else 0)
+    tiles = _matmul_tiles(M, x.dtype, block_r if fuse_shrink else 0, two_accumulators=z is not None)
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
     a = a if a is not None else u  # unused when not fusing; any tensor satisfies the signature
+    num, den = col_scale if col_scale is not None else (y, y)
+    xd_in, z_out = (xd, z) if z is not None else (x, y)  # unused without DROPPED_X
     lora_matmul_kernel[grid](
-        x, w, bias if bias is not None else y, t, u, v if v is not None else t, a, y, seed,
+        x, w, bias if bias is not None else y, t, u, v if v is not None else t, a, y, num, den, xd_in, z_out, seed,
         M, N, K, rank, float(scale), float(p_drop),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1), u.stride(0), u.stride(1),
-        a.stride(0), a.stride(1), y.stride(0), y.stride(1),
+        a.stride(0), a.stride(1), y.stride(0), y.stride(1), xd_in.stride(0), xd_in.stride(1),
+        z_out.stride(0), z_out.stride(1),
         HAS_BIAS=bias is not None, HAS_RANK_SCALE=v is not None, FUSE_SHRINK=fuse_shrink,
-        SHRINK_DROPOUT=shrink_dropout, EPILOGUE_DROPOUT=epilogue_dropout, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_R=block_r, **tiles,
+        SHRINK_DROPOUT=shrink_dropout, EPILOGUE_DROPOUT=epilogue_dropout, HAS_COL_SCALE=col_scale is not None,
+        DROPPED_X=z is not None, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=block_r, **tiles,
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@
 #                                     benchmarks skip rows that would start past it (LOWRANK_BENCH_BUDGET_S), so
 #                                     the run ends inside one 10-minute device call with its JSON written
 #   GPU_RUN_TEST_ARGS="-k triton"     extra pytest arguments for the gpu and suite steps
+#   GPU_RUN_BENCH_PATH=benchmarks/test_dora_bench.py   what the bench step collects (default benchmarks/)
 #   GPU_RUN_BENCH_ARGS="-k fwd-"      extra pytest arguments for the bench step (e.g. one op, one shape)
 #   LOWRANK_BENCH_QUICK=1             benchmarks on 4096x4096 only (1/3 of the matrix)
 #   LOWRANK_KERNELS_CUDA_ARCHS        arch list for the CUDA extension (default here: this GPU's, e.g. "90")
@@ -130,7 +131,7 @@ if [[ $STEPS == *,bench,* ]]; then
   bench_limit=$(($(left) - 15))
   # Rows that would start in the last ~60 s are skipped, so pytest-benchmark still ends and writes its JSON.
   export LOWRANK_BENCH_BUDGET_S=$((bench_limit - 60)) LOWRANK_BENCH_JSONL="$OUT/bench.jsonl"
-  run_step bench bench.log "$bench_limit" python3 -m pytest benchmarks/ --benchmark-only \
+  run_step bench bench.log "$bench_limit" python3 -m pytest "${GPU_RUN_BENCH_PATH:-benchmarks/}" --benchmark-only \
     --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,max,rounds -q "${BENCH_ARGS[@]}"
   rows=$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)
   log "bench: $rows rows measured"

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.lora import dropout_mask, lora_linear
+from .merge import DeltaMerge
 
 __all__ = ["AdaLoRALinear"]
 
@@ -90,7 +91,7 @@ class _MaskedLambdaGrad(torch.autograd.Function):
         return grad_y, None, dQ, dP, d_lambda.to(e_dtype), None, None, None, None
 
 
-class AdaLoRALinear(nn.Module):
+class AdaLoRALinear(DeltaMerge, nn.Module):
     """``y = x W0^T + bias + s' * (drop(x) (Q * (lambda * keep))^T) P^T`` with a frozen ``W0`` (peft's ``SVDLinear``).
 
     Parameters, named and shaped as peft's ``SVDLinear`` names them (without the adapter-name key): ``lora_A`` = Q
@@ -302,35 +303,6 @@ class AdaLoRALinear(nn.Module):
             if self.triplet_keep is not None:
                 lam = lam * self.triplet_keep.view(-1, 1)
             return self.scale * (self.lora_B.to(dtype) @ (self.lora_A.to(dtype) * lam))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into ``weight`` (in place); forward then costs one ``F.linear``.
-
-        Refuses a non-finite adapter. A float32/float64 weight is restored by subtracting the same delta; a
-        lower-precision one keeps its original values (one weight-sized copy) so ``unmerge`` is exact.
-        """
-        if self.merged:
-            raise RuntimeError("AdaLoRALinear is already merged")
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise ValueError("refusing to merge: the adapter's delta weight has NaN or Inf entries")
-        if self.weight.dtype not in (torch.float32, torch.float64):
-            self._weight_before_merge = self.weight.detach().clone()
-        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge``: the weight returns to its value before the merge (within fp32 rounding, or exactly)."""
-        if not self.merged:
-            raise RuntimeError("AdaLoRALinear is not merged")
-        if self._weight_before_merge is not None:
-            self.weight.copy_(self._weight_before_merge)
-            self._weight_before_merge = None
-        else:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-        self.merged = False
 
     def extra_repr(self) -> str:
         return (

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.lora import lora_linear
+from .merge import DeltaMerge
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(DeltaMerge, nn.Module):
     """``y = x W0^T + bias + (alpha / b) * (drop(x) A[:b]^T) B[:, :b]^T`` with a frozen ``W0`` and active rank ``b``.
 
     Same forward signature and attributes as ``nn.Linear`` (``in_features``, ``out_features``, ``weight``,
@@ -122,35 +123,6 @@ class LoRALinear(nn.Module):
         b, dtype = self._active_rank, torch.promote_types(self.weight.dtype, torch.float32)
         with torch.no_grad():
             return self.scaling * (self.lora_B.weight[:, :b].to(dtype) @ self.lora_A.weight[:b].to(dtype))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter at the active rank into ``weight`` (in place); forward then costs one ``F.linear``.
-
-        Refuses a non-finite adapter. A float32/float64 weight is restored by subtracting the same delta; a
-        lower-precision one keeps its original values (one weight-sized copy) so ``unmerge`` is exact.
-        """
-        if self.merged:
-            raise RuntimeError("LoRALinear is already merged")
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise ValueError("refusing to merge: the adapter's delta weight has NaN or Inf entries")
-        if self.weight.dtype not in (torch.float32, torch.float64):
-            self._weight_before_merge = self.weight.detach().clone()
-        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge``: the weight returns to its value before the merge (within fp32 rounding, or exactly)."""
-        if not self.merged:
-            raise RuntimeError("LoRALinear is not merged")
-        if self._weight_before_merge is not None:
-            self.weight.copy_(self._weight_before_merge)
-            self._weight_before_merge = None
-        else:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-        self.merged = False
 
     def extra_repr(self) -> str:
         return (

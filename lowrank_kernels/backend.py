@@ -100,6 +100,23 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
     return [name for name in BACKENDS if availability(name, device) is None]
 
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_impl(module: str, fn_name: str) -> Callable:
+    """``lowrank_kernels.kernels.<module>.<fn_name>``, imported on first call so importing the package never needs
+    Triton. Floating-point tensor arguments outside TRITON_DTYPES (e.g. float64) raise UnsupportedInputError, so an
+    automatic choice moves on to the next backend; integer metadata tensors pass through."""
+
+    def run(*args, **kwargs):
+        dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+        if not dtypes <= set(TRITON_DTYPES):
+            raise UnsupportedInputError(f"Triton kernels take float16/bfloat16/float32, got {sorted(map(str, dtypes))}")
+        return getattr(importlib.import_module(f"lowrank_kernels.kernels.{module}"), fn_name)(*args, **kwargs)
+
+    return run
+
+
 _warned: set[tuple[str, str]] = set()
 
 

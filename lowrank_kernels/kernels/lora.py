@@ -377,8 +377,6 @@ def lora_weight_grad_kernel(
 # Launchers: allocation, tile choice, grid. No autograd, no input validation (the ops layer does it).
 # ----------------------------------------------------------------------------------------------------------------
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs get true fp32 products, as torch's F.linear gives by default (tf32 would be 3e-4 off).

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .lora import SUPPORTED_DTYPES, _dot_precision, _rank_block  # noqa: F401  (SUPPORTED_DTYPES: the ops layer)
+from .lora import _dot_precision, _rank_block
 
 
 @triton.jit

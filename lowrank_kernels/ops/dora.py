@@ -24,30 +24,14 @@ import numbers
 import torch
 from torch import Tensor
 
-from ..backend import UnsupportedInputError, dispatch, requested_backend, use_backend
+from ..backend import dispatch, requested_backend, triton_impl, use_backend
 from ..reference import dora as reference
 from ..reference.lora import dropout_mask
 from .lora import _check_tensor, _seed_int, _xa_dtype, check_lora_inputs
 
-
-def _triton_impl(fn_name: str):
-    """A Triton implementation, imported on first use so importing the package never needs Triton."""
-
-    def run(*args, **kwargs):
-        from ..kernels import dora as kernels
-        from ..kernels.lora import SUPPORTED_DTYPES
-
-        dtypes = {a.dtype for a in args if isinstance(a, Tensor)}
-        if not dtypes <= set(SUPPORTED_DTYPES):
-            raise UnsupportedInputError(f"Triton kernels take float16/bfloat16/float32, got {sorted(map(str, dtypes))}")
-        return getattr(kernels, fn_name)(*args, **kwargs)
-
-    return run
-
-
-_NORM_IMPLS = {"torch": reference.dora_weight_norm, "triton": _triton_impl("dora_weight_norm")}
-_FORWARD_IMPLS = {"torch": reference.dora_forward, "triton": _triton_impl("dora_forward")}
-_BACKWARD_IMPLS = {"torch": reference.dora_backward, "triton": _triton_impl("dora_backward")}
+_NORM_IMPLS = {"torch": reference.dora_weight_norm, "triton": triton_impl("dora", "dora_weight_norm")}
+_FORWARD_IMPLS = {"torch": reference.dora_forward, "triton": triton_impl("dora", "dora_forward")}
+_BACKWARD_IMPLS = {"torch": reference.dora_backward, "triton": triton_impl("dora", "dora_backward")}
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:

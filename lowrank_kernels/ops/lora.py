@@ -14,28 +14,14 @@ import numbers
 import torch
 from torch import Tensor
 
-from ..backend import UnsupportedInputError, dispatch, requested_backend, use_backend
+from ..backend import dispatch, requested_backend, triton_impl, use_backend
 from ..reference import lora as reference
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _triton_impl(fn_name: str):
-    """A Triton implementation, imported on first use so importing the package never needs Triton."""
-
-    def run(*args, **kwargs):
-        from ..kernels import lora as kernels
-
-        dtypes = {a.dtype for a in args if isinstance(a, Tensor)}
-        if not dtypes <= set(kernels.SUPPORTED_DTYPES):
-            raise UnsupportedInputError(f"Triton kernels take float16/bfloat16/float32, got {sorted(map(str, dtypes))}")
-        return getattr(kernels, fn_name)(*args, **kwargs)
-
-    return run
-
-
-_FORWARD_IMPLS = {"torch": reference.lora_forward, "triton": _triton_impl("lora_forward")}
-_BACKWARD_IMPLS = {"torch": reference.lora_backward, "triton": _triton_impl("lora_backward")}
+_FORWARD_IMPLS = {"torch": reference.lora_forward, "triton": triton_impl("lora", "lora_forward")}
+_BACKWARD_IMPLS = {"torch": reference.lora_backward, "triton": triton_impl("lora", "lora_backward")}
 
 
 def _seed_int(seed: Tensor | None) -> int:

@@ -16,23 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapter_pool import AdapterBatch, AdapterPool
-from ..backend import UnsupportedInputError, dispatch
+from ..backend import dispatch, triton_impl
 from ..reference import multi_lora as reference
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _triton_forward(*args):
-    """The Triton implementation, imported on first use so importing the package never needs Triton."""
-    from ..kernels import multi_lora as kernels
-
-    dtypes = {t.dtype for t in args[:5] if isinstance(t, Tensor)}  # x, weight, bias, lora_A, lora_B
-    if not dtypes <= set(kernels.SUPPORTED_DTYPES):
-        raise UnsupportedInputError(f"Triton kernels take float16/bfloat16/float32, got {sorted(map(str, dtypes))}")
-    return kernels.multi_lora_forward(*args)
-
-
-_FORWARD_IMPLS = {"torch": reference.multi_lora_forward, "triton": _triton_forward}
+_FORWARD_IMPLS = {"torch": reference.multi_lora_forward, "triton": triton_impl("multi_lora", "multi_lora_forward")}
 
 
 @torch.library.custom_op("lowrank_kernels::multi_lora_fwd", mutates_args=())

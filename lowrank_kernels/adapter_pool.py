@@ -23,7 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .reference.multi_lora import AdapterWeights, adapter_scale, dora_row_norm
+from .reference.dora import dora_weight_norm
+from .reference.multi_lora import AdapterWeights, adapter_scale
 
 NO_ADAPTER = -1
 
@@ -234,8 +235,8 @@ class AdapterPool(nn.Module):
         info = SlotInfo(int(r), float(alpha), bool(rslora), magnitude is not None)
         if info.dora:
             # g from the values the kernels will read (cast to the pool's dtype), against the frozen W0.
-            norm = dora_row_norm(self.base_weight, self.lora_A[slot, :r], self.lora_B[slot, :, :r],
-                                 adapter_scale(info.alpha, r, info.rslora))  # fmt: skip
+            norm = dora_weight_norm(self.base_weight, self.lora_A[slot, :r], self.lora_B[slot, :, :r], None,
+                                    adapter_scale(info.alpha, r, info.rslora), r)  # fmt: skip
             m = magnitude.to(device=norm.device, dtype=norm.dtype)
             self.magnitude_scale[slot].copy_(m / norm)
             self._magnitudes[slot] = m.to(self.magnitude_scale.dtype).clone()

@@ -16,10 +16,10 @@ from lowrank_kernels import BackendUnavailableError, lora_linear, use_backend
 from lowrank_kernels.adapter_pool import AdapterBatch, AdapterPool, max_tiles
 from lowrank_kernels.modules.multi_lora import MultiLoRALinear, serve_batch
 from lowrank_kernels.ops.multi_lora import multi_lora_linear
+from lowrank_kernels.reference.dora import dora_weight_norm
 from lowrank_kernels.reference.multi_lora import (
     ADAPTER_MIXES,
     adapter_mix,
-    dora_row_norm,
     multi_lora_forward,
     multi_lora_linear_ref,
 )
@@ -538,7 +538,7 @@ def test_dora_norm_is_factored_and_matches_the_direct_norm():
     """g_i = m_i / ||W0 + s B A||_row computed at load time, factored (chunked over rows), equal to the direct norm."""
     W0, A, B = torch.randn(50, 37, dtype=torch.float64), torch.randn(6, 37, dtype=torch.float64), torch.randn(50, 6)
     direct = torch.linalg.vector_norm(W0 + 0.7 * (B.double() @ A), dim=1)
-    torch.testing.assert_close(dora_row_norm(W0, A, B, 0.7, chunk_rows=16), direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dora_weight_norm(W0, A, B, None, 0.7, 6, chunk_rows=16), direct, rtol=1e-12, atol=1e-12)
     linear = make_linear(37, 50, torch.float64)
     pool = AdapterPool.for_linear(linear, 2, 8)
     m = torch.rand(50, dtype=torch.float64) + 0.5

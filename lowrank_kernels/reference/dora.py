@@ -87,19 +87,33 @@ def weight_norm_sq(weight: Tensor) -> Tensor:
 
 
 def dora_weight_norm(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_norm_sq: Tensor | None, scale: float, rank: int
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    weight_norm_sq: Tensor | None,
+    scale: float,
+    rank: int,
+    chunk_rows: int = 2048,
 ) -> Tensor:
     """``||W0 + s B[:, :rank] A[:rank]||_row`` by the factored formula: [N] float32 (float64 for float64 inputs).
 
+    With ``U = W0 A^T [N, b]`` and ``G = A A^T [b, b]``: ``||W0_n||^2 + 2 s <B_n, U_n> + s^2 B_n G B_n^T``, never
+    forming ``[N, K]``: W0 is read once, ``chunk_rows`` rows at a time in float32 (the only temporary), and the sum
+    of squares is clamped at 0 against cancellation before the square root.
     weight: [N, K], lora_A: [R, K], lora_B: [N, R], weight_norm_sq: [N] (``||W0_n||^2``) | None (computed here).
     """
     compute = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.to(compute)
-    A, B = lora_A[:rank].to(compute), lora_B[:, :rank].to(compute)
-    w0_sq = (w * w).sum(1) if weight_norm_sq is None else weight_norm_sq.to(compute)
-    cross = (B * (w @ A.t())).sum(1)  # <B_n, U_n>, U = W0 A^T: [N, b]
-    quad = ((B @ (A @ A.t())) * B).sum(1)  # B_n G B_n^T, G = A A^T: [b, b]
-    return (w0_sq + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
+    A = lora_A[:rank].to(device=weight.device, dtype=compute)
+    B = lora_B[:, :rank].to(device=weight.device, dtype=compute)
+    G = A @ A.t()
+    out = torch.empty(weight.shape[0], device=weight.device, dtype=compute)
+    for start in range(0, weight.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        w, b = weight[rows].to(compute), B[rows]
+        w0_sq = (w * w).sum(1) if weight_norm_sq is None else weight_norm_sq[rows].to(compute)
+        sq = w0_sq + 2 * scale * (b * (w @ A.t())).sum(1) + scale * scale * ((b @ G) * b).sum(1)
+        out[rows] = sq.clamp_min(0).sqrt()
+    return out
 
 
 def dora_forward(

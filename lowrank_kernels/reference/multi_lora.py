@@ -17,7 +17,6 @@ belongs to the full-rank weight).
   oracle. Slow on purpose; nothing in it is shared with the backends.
 - ``multi_lora_forward``: the same math vectorised as a gather-bmm (every row gathers its adapter: the pools are read
   once per *row*): the ``torch`` backend, with the kernels' interface, and the "gather-bmm" benchmark baseline.
-- ``dora_row_norm``: ``||W0 + s B A||_row`` factored so that no ``[N, K]`` temporary is formed (the pool's load path).
 """
 
 from __future__ import annotations
@@ -45,27 +44,6 @@ class AdapterWeights(NamedTuple):
 def adapter_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA): the scale of an adapter used at ``rank``."""
     return alpha / (math.sqrt(rank) if rslora else rank)
-
-
-def dora_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, chunk_rows: int = 2048) -> Tensor:
-    """``||W0 + s B A||`` over K for each of the N rows, float32 (float64 for float64 W0), never forming ``[N, K]``.
-
-    With ``U = W0 A^T [N, r]`` and ``G = A A^T [r, r]``: ``||W0_n + s (B A)_n||^2 = ||W0_n||^2 + 2 s <B_n, U_n>
-    + s^2 B_n G B_n^T``. W0 is read once, ``chunk_rows`` rows at a time in float32 (the only temporary:
-    ``chunk_rows x K``); the sum of squares is clamped at 0 against cancellation before the square root.
-    weight: [N, K], lora_A: [r, K], lora_B: [N, r].
-    """
-    compute = torch.promote_types(weight.dtype, torch.float32)
-    A = lora_A.to(device=weight.device, dtype=compute)
-    B = lora_B.to(device=weight.device, dtype=compute)
-    G = A @ A.t()
-    out = torch.empty(weight.shape[0], device=weight.device, dtype=compute)
-    for start in range(0, weight.shape[0], chunk_rows):
-        w = weight[start : start + chunk_rows].to(compute)
-        b = B[start : start + chunk_rows]
-        sq = (w * w).sum(1) + 2.0 * scale * (b * (w @ A.t())).sum(1) + scale * scale * ((b @ G) * b).sum(1)
-        out[start : start + chunk_rows] = sq.clamp_min(0.0).sqrt()
-    return out
 
 
 def multi_lora_linear_ref(

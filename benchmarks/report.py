@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 DECODE_MAX_M = 64
-PROVIDERS = ("fused", "tritongemm", "eager", "peft")
+PROVIDERS = ("fused", "tritongemm", "cuda", "eager", "peft")
 BASELINE = {"fwd": "cublas", "fwdbwd": "frozen"}
 OP_TITLE = {"fwd": "LoRA forward", "fwdbwd": "LoRA forward + backward"}
 # BENCH.md first milestone, fused over baseline; (min M it applies from, limit). fwd+bwd has no decode goal.
@@ -99,9 +99,9 @@ def lora_table(rows: list[dict], op: str, misses: list[str], counts: dict) -> li
     out = [
         f"## {OP_TITLE[op]} (ratio to {BASELINE[op]})",
         "",
-        f"| shape KxN | M | r | b | {BASELINE[op]} µs | fused | triton GEMM | eager | peft | {goal_title} "
+        f"| shape KxN | M | r | b | {BASELINE[op]} µs | fused | triton GEMM | cuda | eager | peft | {goal_title} "
         "| fused <= eager |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     keys = sorted(by_case, key=lambda k: (shape_key(k[0]), k[1], k[2], k[3]))
     for shape, M, r, b in keys:
@@ -127,7 +127,7 @@ def lora_table(rows: list[dict], op: str, misses: list[str], counts: dict) -> li
             misses.append(f"{op} {shape} M={M} r={r} b={b}: fused {fmt(fused)} slower than eager {fmt(eager)}")
         out.append(
             f"| {shape} | {M} | {r} | {b} | {fmt(t_base, 1)}{g} | {cells['fused'][1]} | {cells['tritongemm'][1]} | "
-            f"{cells['eager'][1]} | {cells['peft'][1]} | {goal} | {vs_eager} |"
+            f"{cells['cuda'][1]} | {cells['eager'][1]} | {cells['peft'][1]} | {goal} | {vs_eager} |"
         )
     return [*out, ""]
 
@@ -202,7 +202,7 @@ def report(rows: list[dict], env: dict, *, detail: bool = True) -> str:
         "M <= 64: CUDA-graph replays (`*` = CUDA-event medians only); M >= 2048: CUDA-event medians. "
         "Baseline µs marked (g) are graph replays. `fused` is `lora_linear` on the Triton backend as dispatched "
         "(one fused launch at M <= 64, cuBLAS + low-rank epilogue above); `triton GEMM` forces our own GEMM "
-        "above M = 64 (LOWRANK_KERNELS_LORA_GEMM=triton).",
+        "above M = 64 (LOWRANK_KERNELS_LORA_GEMM=triton); `cuda` is the CUDA C++ fallback backend (csrc/).",
         "",
     ]
     if any(row.get("quick") for row in rows):

@@ -8,7 +8,9 @@ Every row is one provider at one (op, layer shape K x N, tokens M, allocated ran
   backend with its automatic strategy: one fused launch at M <= 64, cuBLAS GEMM + shrink + in-place rank-b addmm
   above), ``tritongemm`` (M > 64 only: the same op forced onto our own Triton GEMM with the low-rank epilogue,
   ``LOWRANK_KERNELS_LORA_GEMM=triton``), ``eager`` (``lora_linear_ref``: unfused PyTorch, the package's
-  reference) and ``peft`` (peft's ``lora.Linear`` around the same W0, A, B; only at b = r: peft cannot truncate).
+  reference), ``cuda`` (``lora_linear`` on the CUDA C++ backend, csrc/: cuBLAS GEMM + our shrink and expand
+  kernels; skipped when lowrank_kernels._C is not built) and ``peft`` (peft's ``lora.Linear`` around the same W0,
+  A, B; only at b = r: peft cannot truncate).
 - op ``fwdbwd``: forward + backward. Baseline ``frozen`` = ``F.linear`` forward + input gradient (W0 frozen);
   the providers return the output and the gradients for x, A and B.
 - ``rankcmp``: the fused op at b = 8 and b = 64 with the same R = 64 tensors, timed back to back.
@@ -56,10 +58,11 @@ DTYPE = torch.bfloat16
 SCALE = 2.0  # LoRA's alpha / r with alpha = 2r; peft gets lora_alpha = 2r, so the same scale
 REL_TOL = 2e-2  # bf16 rounds at 2^-9 ~ 2e-3; a dropped adapter term or a wrong rank moves the result by >= 10%
 BASELINE = {"fwd": "cublas", "fwdbwd": "frozen"}
-PROVIDERS = ("fused", "tritongemm", "eager", "peft")
+PROVIDERS = ("fused", "tritongemm", "cuda", "eager", "peft")
 FUSED = ("fused", "tritongemm")  # lora_linear on the Triton backend
 GEMM_ENV_VAR = "LOWRANK_KERNELS_LORA_GEMM"  # lowrank_kernels.kernels.lora.GEMM_ENV_VAR (importing it needs Triton)
 HAS_PEFT = importlib.util.find_spec("peft") is not None
+HAS_CUDA_EXT = importlib.util.find_spec("lowrank_kernels._C") is not None
 QUICK = os.environ.get("LOWRANK_BENCH_QUICK", "0") not in ("", "0")
 SHAPES = LLAMA_7B_SHAPES[:1] if QUICK else LLAMA_7B_SHAPES  # quick: 4096x4096 only
 WARMUP_MS = float(os.environ.get("LOWRANK_BENCH_WARMUP_MS", "10"))
@@ -72,7 +75,7 @@ class Case:
     op: str  # "fwd" | "fwdbwd"
     shape: LayerShape
     M: int
-    provider: str  # "cublas" | "frozen" | "fused" | "tritongemm" | "eager" | "peft"
+    provider: str  # "cublas" | "frozen" | "fused" | "tritongemm" | "cuda" | "eager" | "peft"
     r: int | None = None  # None for the baselines
     b: int | None = None
 
@@ -108,6 +111,8 @@ def _lora_params():
                             marks = ()
                             if provider == "peft" and not HAS_PEFT:
                                 marks = (pytest.mark.skip(reason="peft is not installed"),)
+                            if provider == "cuda" and not HAS_CUDA_EXT:
+                                marks = (pytest.mark.skip(reason="lowrank_kernels._C is not built"),)
                             yield pytest.param(case, id=case.id, marks=marks)
 
 
@@ -207,6 +212,11 @@ def _provider_fn(case: Case):
 
         def forward(x):
             with use_backend("triton"):
+                return lora_linear(x, W0, None, A, B, scale=SCALE, rank=b)
+    elif p == "cuda":
+
+        def forward(x):
+            with use_backend("cuda"):
                 return lora_linear(x, W0, None, A, B, scale=SCALE, rank=b)
     elif p == "eager":
 
@@ -380,6 +390,8 @@ def _set_fused_env(monkeypatch, gemm: str) -> None:
 def test_lora(case: Case, benchmark, bench_env, monkeypatch):
     if case.provider in FUSED:
         _set_fused_env(monkeypatch, gemm="triton" if case.provider == "tritongemm" else "auto")
+    elif case.provider == "cuda":  # by name in the environment too: the backward runs on autograd's thread
+        monkeypatch.setenv(BACKEND_ENV_VAR, "cuda")
     started = time.monotonic()
     fn, timing, max_err, peak_mib = _checked_timing(case)
     if case.is_baseline:

@@ -10,6 +10,8 @@ adapters at r (scale 2):
 - ``fused``: the single-adapter ``lora_linear`` (Triton backend): what "all rows on one adapter" must stay close to;
 - ``multi``: ``multi_lora_linear`` (Triton backend) on a prebuilt ``AdapterBatch`` (built once per batch, outside the
   timed call, as every layer of a model reuses it; its host build time is recorded as ``build_us``);
+- ``cuda``: ``multi_lora_linear`` on the CUDA C++ backend (csrc/: per-row gather kernels around cuBLAS; skipped when
+  lowrank_kernels._C is not built), at r = 16 with the distinct mix;
 - ``gatherbmm``: the gather-bmm reference (``reference.multi_lora.multi_lora_forward`` in bf16 arithmetic), every
   row gathering its own adapter: BENCH.md's "gather-bmm" peer;
 - ``peft``: peft's ``lora.Linear`` with the n adapters loaded and ``adapter_names`` per row (its mixed-batch path).
@@ -70,6 +72,7 @@ from test_lora_bench import (  # noqa: E402  the LoRA benchmarks' harness: one p
 
 SCALE = 2.0  # alpha = 2r, as in the LoRA benchmarks
 HAS_PEFT = importlib.util.find_spec("peft") is not None
+HAS_CUDA_EXT = importlib.util.find_spec("lowrank_kernels._C") is not None
 SHAPES = LLAMA_7B_SHAPES[:1] if QUICK else LLAMA_7B_SHAPES[:2]  # 4096x4096 and 4096x11008 (the issue's shapes)
 MULTI_M = (1, 64, 512) if QUICK else (1, 16, 64, 512, 2048)
 MULTI_RANKS = (16,) if QUICK else (16, 64)
@@ -82,7 +85,7 @@ BASELINE_RANK = 16  # gather-bmm and peft: BENCH.md's peers were measured at r =
 class Case:
     shape: LayerShape
     M: int
-    provider: str  # "cublas" | "fused" | "multi" | "gatherbmm" | "peft"
+    provider: str  # "cublas" | "fused" | "multi" | "cuda" | "gatherbmm" | "peft"
     r: int | None = None
     n: int | None = None  # adapters loaded in the pool
     mix: str | None = None  # "distinct" | "identical" | "zipf" | "none"
@@ -100,6 +103,7 @@ class Case:
 def _params():
     """Shape-major, then M; each (shape, M) starts with cuBLAS and each (shape, M, r) with the fused single adapter."""
     peft_mark = () if HAS_PEFT else (pytest.mark.skip(reason="peft is not installed"),)
+    cuda_mark = () if HAS_CUDA_EXT else (pytest.mark.skip(reason="lowrank_kernels._C is not built"),)
     for shape in SHAPES:
         for M in MULTI_M:
             yield Case(shape, M, "cublas"), ()
@@ -108,6 +112,7 @@ def _params():
                 for n in ADAPTER_COUNTS:
                     yield Case(shape, M, "multi", r, n, "distinct"), ()
                     if r == BASELINE_RANK:
+                        yield Case(shape, M, "cuda", r, n, "distinct"), cuda_mark
                         yield Case(shape, M, "gatherbmm", r, n, "distinct"), ()
                         yield Case(shape, M, "peft", r, n, "distinct"), peft_mark
                 yield Case(shape, M, "multi", r, MIX_N, "identical"), ()
@@ -178,13 +183,14 @@ def _provider_fn(case: Case):
         def forward():
             with use_backend("triton"):
                 return lora_linear(x, W0, None, A, B, scale=SCALE)
-    elif p in ("multi", "gatherbmm"):
+    elif p in ("multi", "cuda", "gatherbmm"):
         pool = _pool(K, N, case.n, case.r)
         batch = AdapterBatch.build(pool, _ids(case))
-        if p == "multi":
+        if p in ("multi", "cuda"):
+            backend = "triton" if p == "multi" else "cuda"
 
             def forward():
-                with use_backend("triton"):
+                with use_backend(backend):
                     return multi_lora_linear(x, W0, None, pool, batch)
         else:
             args = (x, W0, None, pool.lora_A, pool.lora_B, pool.magnitude_scale, pool.dora_slots, batch.row_slot,
@@ -270,7 +276,8 @@ def _timing_of(case: Case) -> Timing:
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=m) for c, m in _params()])
 def test_multi_lora(case: Case, benchmark, bench_env, monkeypatch):
-    monkeypatch.setenv(BACKEND_ENV_VAR, "triton")  # never a silent fallback to torch inside a timed row
+    # Never a silent fallback to torch inside a timed row.
+    monkeypatch.setenv(BACKEND_ENV_VAR, "cuda" if case.provider == "cuda" else "triton")
     started = time.monotonic()
     fn, timing, max_err, peak_mib = _checked_timing(case)
     if case.provider in ("cublas", "fused"):
@@ -347,8 +354,8 @@ def report(path: Path) -> str:
         if row["provider"] in ("cublas", "fused"):
             continue
         table[(row["shape"], row["M"], row["r"], row["n"], row["mix"])][row["provider"]] = row
-    out += ["| shape | M | r | n | mix | multi | gather-bmm | peft | multi / fused | goal |",
-            "|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    out += ["| shape | M | r | n | mix | multi | cuda | gather-bmm | peft | multi / fused | goal |",
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     misses = []
     for key in sorted(table, key=lambda k: (k[0], k[1], k[2], k[4], k[3])):
         shape, M, r, n, mix = key
@@ -368,7 +375,8 @@ def report(path: Path) -> str:
             goal = f"{'ok' if ok else 'MISS'} (<= {limit:.2f})"
             if not ok:
                 misses.append(f"{shape} M={M} r={r} n={n} {mix}: {_fmt(value)} (goal <= {limit:.2f})")
-        cells = [_fmt(ratio)] + [_fmt(_headline(provs[p]) if p in provs else None) for p in ("gatherbmm", "peft")]
+        others = ("cuda", "gatherbmm", "peft")
+        cells = [_fmt(ratio)] + [_fmt(_headline(provs[p]) if p in provs else None) for p in others]
         out.append(f"| {shape} | {M} | {r} | {n} | {mix} | {' | '.join(cells)} | {_fmt(vs_fused)} | {goal} |")
     out += ["", f"Goal misses: {len(misses)}"] + [f"- {m}" for m in misses]
     return "\n".join(out)

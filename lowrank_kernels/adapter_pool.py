@@ -104,6 +104,7 @@ class AdapterPool(nn.Module):
         self._base_weight = (base_weight,)  # a tuple: not registered as this module's parameter
         self._slots: list[SlotInfo | None] = [None] * capacity
         self._names: dict[str, int] = {}
+        self._untargeted: set[str] = set()  # adapters with no weights for this layer (add_untargeted)
         self._magnitudes: dict[int, Tensor] = {}  # DoRA's m as given, per slot (for weights())
         self._update_signature()
 
@@ -146,12 +147,19 @@ class AdapterPool(nn.Module):
         return tuple(self._slots)
 
     @property
+    def untargeted(self) -> frozenset[str]:
+        """Adapters registered with ``add_untargeted``: known to the model, no weights in this layer."""
+        return frozenset(self._untargeted)
+
+    @property
     def signature(self) -> tuple:
-        """What batch metadata depends on: capacity and every slot's ``SlotInfo``. Equal signatures share batches."""
+        """What batch metadata depends on: capacity, every slot's ``SlotInfo`` and which name is where (a batch built
+        from names must not be reused by a pool holding those names elsewhere). Equal signatures share batches."""
         return self._signature
 
     def _update_signature(self) -> None:
-        self._signature = (self.capacity, tuple(self._slots))
+        names = tuple(sorted(self._names.items()))
+        self._signature = (self.capacity, tuple(self._slots), names, tuple(sorted(self._untargeted)))
 
     def __len__(self) -> int:
         return len(self._names)
@@ -203,6 +211,8 @@ class AdapterPool(nn.Module):
             raise TypeError(f"name must be a non-empty str, got {name!r}")
         if name in self._names:
             raise ValueError(f"adapter {name!r} is already loaded (slot {self._names[name]}); remove it first")
+        if name in self._untargeted:
+            raise ValueError(f"adapter {name!r} is registered as not targeting this layer; remove it first")
         A, B = _weight_of("lora_A", lora_A), _weight_of("lora_B", lora_B)
         K, N = self.in_features, self.out_features
         if A.dim() != 2 or A.shape[1] != K:
@@ -248,9 +258,25 @@ class AdapterPool(nn.Module):
         self._update_signature()
         return slot
 
+    def add_untargeted(self, name: str) -> None:
+        """Register adapter ``name`` as having no weights for this layer (peft: the layer is outside its
+        ``target_modules``): rows that name it get the base output here, as in peft. Takes no slot."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        if name in self._names:
+            raise ValueError(f"adapter {name!r} is loaded in this pool (slot {self._names[name]}); remove it first")
+        self._untargeted.add(name)
+        self._update_signature()
+
     @torch.no_grad()
     def remove(self, name: str) -> int:
-        """Unload adapter ``name`` and return its (now empty, zeroed) slot; KeyError if there is no such adapter."""
+        """Unload adapter ``name`` and return its (now empty, zeroed) slot; KeyError if there is no such adapter.
+
+        An adapter registered with ``add_untargeted`` is forgotten and -1 returned (it had no slot)."""
+        if name in self._untargeted:
+            self._untargeted.discard(name)
+            self._update_signature()
+            return NO_ADAPTER
         slot = self.slot(name)
         del self._names[name]
         self._slots[slot] = None
@@ -362,24 +388,28 @@ class AdapterBatch:
     ) -> AdapterBatch:
         """Validate and lay out a batch for ``pool`` (and every pool with the same ``signature``).
 
-        adapter_ids: one entry per request: a slot in ``[-1, capacity)`` (-1: no adapter), an adapter name, or None
-        (no adapter); a list or a 1-D integer tensor (any device). ranks: None (each adapter's own rank), one int for
-        every request, or one per request (``1 <= b <= r_i``; ignored where there is no adapter; a DoRA adapter only
-        at its own rank). seq_lens: rows per request: None (one row each: decode), an int (a ``[batch, seq, K]``
-        prefill), or one int per request (packed variable-length sequences). Raises ValueError / TypeError / KeyError
+        adapter_ids: one entry per request: a slot in ``[-1, capacity)`` (-1: no adapter), an adapter name (one
+        registered with ``add_untargeted`` means no adapter here), or None (no adapter); a list or a 1-D integer tensor
+        (any device). ranks: None (each adapter's own rank), one int for every request, or one per request
+        (``1 <= b <= r_i``; ignored where there is no adapter; a DoRA adapter only at its own rank). seq_lens: rows per
+        request: None (one row each: decode), an int (a ``[batch, seq, K]`` prefill), or one int per request (packed
+        variable-length sequences). Raises ValueError / TypeError / KeyError
         naming the argument and the entry before anything reaches the device.
         """
         if not isinstance(pool, AdapterPool):
             raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
         ids = _as_list("adapter_ids", adapter_ids, None)
         n_ids = len(ids)
-        slots = pool.slots
+        slots, untargeted = pool.slots, pool.untargeted
         row_slot_ids: list[int] = []
         for j, a in enumerate(ids):
             if a is None:
                 row_slot_ids.append(NO_ADAPTER)
                 continue
             if isinstance(a, str):
+                if a in untargeted:  # an adapter without weights here: the base output, as peft
+                    row_slot_ids.append(NO_ADAPTER)
+                    continue
                 if a not in pool:
                     raise KeyError(f"adapter_ids[{j}]: no adapter named {a!r} in the pool; loaded: "
                                    f"{sorted(pool.names) or 'none'}")  # fmt: skip

@@ -100,21 +100,34 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
     return [name for name in BACKENDS if availability(name, device) is None]
 
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_DTYPES = KERNEL_DTYPES  # what the Triton and the CUDA extension kernels take alike
 
 
-def triton_impl(module: str, fn_name: str) -> Callable:
-    """``lowrank_kernels.kernels.<module>.<fn_name>``, imported on first call so importing the package never needs
-    Triton. Floating-point tensor arguments outside TRITON_DTYPES (e.g. float64) raise UnsupportedInputError, so an
-    automatic choice moves on to the next backend; integer metadata tensors pass through."""
+def _kernel_impl(label: str, module: str, fn_name: str) -> Callable:
+    """``lowrank_kernels.kernels.<module>.<fn_name>``, imported on first call, behind the dtype rule shared by the
+    Triton and the CUDA C++ kernels: floating-point tensor arguments outside KERNEL_DTYPES (e.g. float64) raise
+    UnsupportedInputError, so an automatic choice moves on to the next backend; integer metadata passes through."""
 
     def run(*args, **kwargs):
         dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
-        if not dtypes <= set(TRITON_DTYPES):
-            raise UnsupportedInputError(f"Triton kernels take float16/bfloat16/float32, got {sorted(map(str, dtypes))}")
+        if not dtypes <= set(KERNEL_DTYPES):
+            got = sorted(map(str, dtypes))
+            raise UnsupportedInputError(f"{label} kernels take float16/bfloat16/float32, got {got}")
         return getattr(importlib.import_module(f"lowrank_kernels.kernels.{module}"), fn_name)(*args, **kwargs)
 
     return run
+
+
+def triton_impl(module: str, fn_name: str) -> Callable:
+    """The Triton launcher ``lowrank_kernels.kernels.<module>.<fn_name>``: importing the package never needs Triton."""
+    return _kernel_impl("Triton", module, fn_name)
+
+
+def cuda_impl(module: str, fn_name: str) -> Callable:
+    """The CUDA C++ launcher ``lowrank_kernels.kernels.<module>.<fn_name>`` (``cuda_ext``, which loads the compiled
+    extension ``lowrank_kernels._C`` on first use): same interface and dtype rule as ``triton_impl``."""
+    return _kernel_impl("CUDA extension", module, fn_name)
 
 
 _warned: set[tuple[str, str]] = set()

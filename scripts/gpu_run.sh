@@ -10,25 +10,29 @@
 #   suite    python3 -m pytest tests -q -m "not gpu" on the GPU: tests/conftest.py picks DEVICE=cuda when CUDA is
 #            there (no TRITON_INTERPRET), so the Triton-parametrised cases run the real kernels on CUDA
 #            (the gpu-marked part already ran in the step before)                                  -> tests_suite.log
+#   sanitizer LOWRANK_KERNELS_BACKEND=cuda compute-sanitizer --tool memcheck python3 -m pytest on a small selection
+#            of the CUDA-extension cases (GPU_RUN_SANITIZER_K): every csrc kernel, bounds-checked    -> sanitizer.log
 #   bench    python3 -m pytest benchmarks/ --benchmark-only --benchmark-json=$OUT/bench.json          -> bench.log,
 #            every row also streamed to bench.jsonl as it is measured (survives a timeout)            bench.json(l)
 #   report   python3 benchmarks/report.py $OUT/bench.json (bench.jsonl if the JSON is missing)        -> report.md
 #
 # Environment (all optional):
-#   GPU_RUN_STEPS="gpu,suite,bench"   subset of gpu,suite,bench (env + install and report always run)
+#   GPU_RUN_STEPS="gpu,suite,sanitizer,bench"   subset of those (env + install and report always run)
 #   GPU_RUN_DEADLINE_S=480            whole-run budget: every step gets a timeout from what is left, and the
 #                                     benchmarks skip rows that would start past it (LOWRANK_BENCH_BUDGET_S), so
 #                                     the run ends inside one 10-minute device call with its JSON written
 #   GPU_RUN_TEST_ARGS="-k triton"     extra pytest arguments for the gpu and suite steps
+#   GPU_RUN_SANITIZER_K="..."         the sanitizer step's pytest -k expression (default: see below)
 #   GPU_RUN_BENCH_PATH=benchmarks/test_dora_bench.py   what the bench step collects (default benchmarks/)
 #   GPU_RUN_BENCH_ARGS="-k fwd-"      extra pytest arguments for the bench step (e.g. one op, one shape)
 #   LOWRANK_BENCH_QUICK=1             benchmarks on 4096x4096 only (1/3 of the matrix)
 #   LOWRANK_KERNELS_CUDA_ARCHS        arch list for the CUDA extension (default here: this GPU's, e.g. "90")
 #   LOWRANK_KERNELS_SKIP_CUDA_BUILD=1 do not build csrc/
 #
-# Expected time on one H100 (estimate, nothing measured yet): install ~10 s (+1-2 min once csrc/ has CUDA
-# sources), tests 1-3 min, full benchmark matrix 2-4 min (408 rows, do_bench rep 50 ms, ~0.15 s a decode row and
-# ~0.3 s a prefill row, plus Triton compiles and the peft import): ~4-7 min in all, bounded by GPU_RUN_DEADLINE_S.
+# Expected time on one H100 (estimate, nothing measured yet): install ~10 s (+~10 s for csrc/: its clean build took
+# 9 s on a 2-core CPU machine for sm80 + sm90), tests 1-3 min, compute-sanitizer 1-2.5 min, full benchmark matrix
+# 2-4 min (408 rows, do_bench rep 50 ms, ~0.15 s a decode row and ~0.3 s a prefill row, plus Triton compiles and the
+# peft import): ~5-9 min in all, bounded by GPU_RUN_DEADLINE_S.
 # Exit status: 0 when every step that ran passed (a machine without a visible GPU fails).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +41,7 @@ OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DEADLINE_S="${GPU_RUN_DEADLINE_S:-480}"
-STEPS=",${GPU_RUN_STEPS:-gpu,suite,bench},"
+STEPS=",${GPU_RUN_STEPS:-gpu,suite,sanitizer,bench},"
 read -r -a TEST_ARGS <<<"${GPU_RUN_TEST_ARGS:-}"
 read -r -a BENCH_ARGS <<<"${GPU_RUN_BENCH_ARGS:-}"
 declare -A RESULT=()
@@ -125,6 +129,24 @@ if [[ $STEPS == *,suite,* ]]; then
   run_step suite tests_suite.log "$(min 180 $(($(left) - 180)))" python3 -m pytest tests -q -m "not gpu" "${TEST_ARGS[@]}"
 fi
 
+# ---- compute-sanitizer on the CUDA extension's kernels -------------------------------------------------------------
+# Small shapes, every kernel of csrc/ (LoRA fwd/bwd with dropout, DoRA norm/fwd/bwd, multi-adapter with corrupt ids):
+# memcheck slows every launch (torch's own included), so the selection stays at a few dozen cases.
+SANITIZER_K="${GPU_RUN_SANITIZER_K:-(cuda-triton-bfloat16 and (M7- or M65- or M130- or decode-M5)) or (cuda-bfloat16 and (some-none or truncated or dora_and_lora)) or corrupt or gpu_dropout_mask}"
+if [[ $STEPS == *,sanitizer,* ]]; then
+  SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  if [[ ! -x $SANITIZER ]]; then
+    echo "compute-sanitizer not found (looked on PATH and in ${CUDA_HOME:-/usr/local/cuda}/bin)" | tee "$OUT/sanitizer.log"
+    RESULT[sanitizer]="FAILED: compute-sanitizer not found"
+    FAILED=1
+  else
+    LOWRANK_KERNELS_BACKEND=cuda run_step sanitizer sanitizer.log "$(min 150 $(($(left) - 150)))" \
+      "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 20 \
+      python3 -m pytest tests/test_cuda_ext.py tests/test_lora_ops.py tests/test_dora.py tests/test_multi_lora.py \
+      -q -p no:cacheprovider -k "$SANITIZER_K"
+  fi
+fi
+
 # ---- benchmarks ------------------------------------------------------------------------------------------------
 if [[ $STEPS == *,bench,* ]]; then
   rm -f "$OUT/bench.json" "$OUT/bench.jsonl"
@@ -152,7 +174,7 @@ for src in "$OUT/bench.json" "$OUT/bench.jsonl"; do
 done
 
 log "summary (GPU_RUN_DEADLINE_S=$DEADLINE_S)"
-for name in cuda install gpu suite bench; do
+for name in cuda install gpu suite sanitizer bench; do
   [[ -n ${RESULT[$name]:-} ]] && echo "$name: ${RESULT[$name]}" | tee -a "$OUT/env.log"
 done
 ls -la "$OUT" | tee -a "$OUT/env.log"

@@ -4,6 +4,7 @@ import importlib.util
 
 import torch
 
+from lowrank_kernels.backend import availability
 from lowrank_kernels.reference import lora_linear_ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -12,8 +13,12 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def kernel_backends() -> list[str]:
-    """Backends whose kernels the op tests run: the reference always, Triton where it can run here."""
-    return ["torch", "triton"] if HAS_TRITON else ["torch"]
+    """Backends whose kernels the op tests run: the reference always, Triton where it can run here, and the CUDA
+    extension on a GPU where it is built (tests/test_cuda_ext.py runs its launchers on the CPU, emulated)."""
+    backends = ["torch", "triton"] if HAS_TRITON else ["torch"]
+    if HAS_CUDA and availability("cuda", torch.device("cuda")) is None:
+        backends.append("cuda")
+    return backends
 
 
 def kernel_dtypes(backend: str) -> list[torch.dtype]:

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REL_TOL, kernel_backends, kernel_dtypes, rel_err
+from helpers import DEVICE, REL_TOL, kernel_backends, kernel_dtypes, rel_err
 from torch import nn
 
 import lowrank_kernels.modules.adalora as adalora_module
@@ -20,11 +20,12 @@ from lowrank_kernels.modules.adalora import AdaLoRALinear
 IN, OUT, R = 37, 50, 9  # odd sizes: no tile divides them
 
 
-def make_layer(in_f=IN, out_f=OUT, r=R, alpha=8.0, dtype=torch.float32, keep=None, lambda_grad=False, **kwargs):
+def make_layer(in_f=IN, out_f=OUT, r=R, alpha=8.0, dtype=torch.float32, keep=None, lambda_grad=False, device=None,
+               **kwargs):  # fmt: skip
     """A layer with trained-looking values (lambda is zeros at init) and, optionally, a triplet mask applied the
     way the allocator applies it: masked lambda zeroed, the layer told to skip them."""
     torch.manual_seed(0)
-    linear = nn.Linear(in_f, out_f, dtype=dtype)
+    linear = nn.Linear(in_f, out_f, dtype=dtype, device=device)
     layer = AdaLoRALinear.from_linear(linear, r, alpha=alpha, **kwargs)
     with torch.no_grad():
         layer.lora_A.normal_(0, in_f**-0.5)
@@ -115,8 +116,8 @@ def _fwd_bwd_cases():
 @pytest.mark.parametrize("backend, dtype, mask_name, lambda_grad", list(_fwd_bwd_cases()))
 def test_forward_and_grads_match_peft(backend, dtype, mask_name, lambda_grad, poison_empty):
     keep = MASKS[mask_name]
-    _, layer = make_layer(dtype=dtype, keep=keep, lambda_grad=lambda_grad)
-    x = torch.randn(2, 7, IN, dtype=dtype, requires_grad=True)
+    _, layer = make_layer(dtype=dtype, keep=keep, lambda_grad=lambda_grad, device=DEVICE)
+    x = torch.randn(2, 7, IN, dtype=dtype, device=DEVICE, requires_grad=True)
     with use_backend(backend):
         y = layer(x)
         grad_out = torch.randn_like(y)
@@ -127,7 +128,7 @@ def test_forward_and_grads_match_peft(backend, dtype, mask_name, lambda_grad, po
         for p in (layer.lora_A, layer.lora_B, layer.lora_E):
             p.grad = torch.zeros_like(p)
     if keep is not None and not lambda_grad:  # skipped entirely: masked lambda gets no gradient (peft's does)
-        dE = dE * torch.tensor(keep, dtype=torch.float64).view(-1, 1)
+        dE = dE * torch.tensor(keep, dtype=torch.float64, device=dE.device).view(-1, 1)
     tol = REL_TOL[dtype]
     assert rel_err(y, y_ref) < tol and rel_err(x.grad, dx) < tol
     assert rel_err(layer.lora_A.grad, dA) < tol and rel_err(layer.lora_B.grad, dB) < tol
@@ -152,14 +153,14 @@ def test_masked_lambda_grad_with_dropout(backend, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(adalora_module, "lora_linear", spy)
-    _, layer = make_layer(keep=SCATTERED, lambda_grad=True, dropout=0.3)
+    _, layer = make_layer(keep=SCATTERED, lambda_grad=True, dropout=0.3, device=DEVICE)
     layer.train()
-    x = torch.randn(13, IN, requires_grad=True)
+    x = torch.randn(13, IN, device=DEVICE, requires_grad=True)
     with use_backend(backend):
         y = layer(x)
         grad_out = torch.randn_like(y)
         y.backward(grad_out)
-    mask = dropout_mask(seeds[0], (13, IN), 0.3)
+    mask = dropout_mask(seeds[0], (13, IN), 0.3, DEVICE)
     y_ref, (dx, dA, dB, dE) = peft_oracle(layer, x, grad_out, mask=mask)
     tol = REL_TOL[torch.float32]
     assert rel_err(y, y_ref) < tol and rel_err(x.grad, dx) < tol and rel_err(layer.lora_E.grad, dE) < tol

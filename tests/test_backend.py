@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import HAS_CUDA, HAS_TRITON, make_lora_inputs
+from helpers import DEVICE, HAS_CUDA, HAS_TRITON, make_lora_inputs
 
 from lowrank_kernels import BackendUnavailableError, available_backends, lora_linear, use_backend
 from lowrank_kernels import backend as backend_mod
@@ -40,10 +40,34 @@ def test_unknown_backend_name():
 
 
 def test_requested_cuda_extension_unavailable_raises():
-    """The csrc extension is not built yet (issue #5): asking for it by name says so, never silently falls back."""
+    """The csrc extension runs on CUDA tensors only: asked for by name on CPU it says why, never falls back."""
     x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float32, device="cpu")
-    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="'cuda' was requested"):
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="'cuda' was requested.*CUDA tensors"):
         lora_linear(x, weight, bias, A, B, scale=1.0)
+
+
+def test_kernel_impls_share_the_dtype_rule():
+    """triton_impl and cuda_impl refuse float64 alike (UnsupportedInputError, so an automatic choice moves on),
+    without importing their kernel module; integer metadata passes the rule."""
+    for impl, label in ((backend_mod.triton_impl, "Triton"), (backend_mod.cuda_impl, "CUDA extension")):
+        run = impl("no_such_module", "f")
+        with pytest.raises(backend_mod.UnsupportedInputError, match=f"{label} kernels take float16/bfloat16/float32"):
+            run(torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.int32))
+        with pytest.raises(ModuleNotFoundError):  # a supported dtype reaches the (lazy) import
+            run(torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.int32))
+
+
+def test_auto_choice_falls_back_from_triton_to_cuda(monkeypatch):
+    """On CUDA tensors the automatic order is Triton, the CUDA extension, then the reference."""
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend_mod, "availability", lambda name, device: None)
+
+    def broken():
+        raise RuntimeError("Triton compile failed")
+
+    impls = {"triton": broken, "cuda": lambda: "cuda", "torch": lambda: "reference"}
+    with pytest.warns(RuntimeWarning, match="triton backend failed for cuda_fallback_op"):
+        assert backend_mod.dispatch("cuda_fallback_op", impls, torch.device("cuda")) == "cuda"
 
 
 def test_requested_triton_without_gpu_or_interpreter_raises(monkeypatch):
@@ -55,7 +79,7 @@ def test_requested_triton_without_gpu_or_interpreter_raises(monkeypatch):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed")
 def test_requested_triton_rejects_float64():
-    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float64, device="cpu")
+    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float64, device=DEVICE)
     with use_backend("triton"), pytest.raises(BackendUnavailableError, match="float16/bfloat16/float32"):
         lora_linear(x, weight, bias, A, B, scale=1.0)
 
@@ -89,7 +113,7 @@ def test_auto_choice_that_fails_falls_back_with_one_warning(monkeypatch):
         backend_mod.dispatch("fallback_op", impls, fake_gpu)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and Triton")
 def test_auto_on_cuda_prefers_triton():
     assert available_backends("cuda")[:1] == ["triton"]
 
@@ -111,7 +135,7 @@ def test_backward_uses_the_forward_backend(monkeypatch):
 
     for name, impl in list(lora_ops._BACKWARD_IMPLS.items()):
         monkeypatch.setitem(lora_ops._BACKWARD_IMPLS, name, recording(name, impl))
-    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float32, device="cpu")
+    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float32, device=DEVICE)
     A.requires_grad_()
     with use_backend("triton"):
         y = lora_linear(x, weight, bias, A, B, scale=1.0)

@@ -340,8 +340,9 @@ def test_state_dict_maps_from_peft_names():
 @pytest.mark.parametrize("b, frozen", [(8, False), (3, True)])
 def test_module_forward_and_grads_match_the_oracle(backend, b, frozen):
     _, layer = make_layer()
+    layer.to(DEVICE)  # the kernel backends run on the GPU where there is one
     layer.set_rank(b, frozen=frozen)
-    x = torch.randn(2, 5, 40, requires_grad=True)
+    x = torch.randn(2, 5, 40, device=DEVICE, requires_grad=True)
     with use_backend(backend):
         y = layer(x)
         grad_out = torch.randn_like(y)

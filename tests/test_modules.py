@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import REL_TOL, kernel_backends, oracle, rel_err
+from helpers import DEVICE, REL_TOL, kernel_backends, oracle, rel_err
 from torch import nn
 
 from lowrank_kernels import LoRALinear, use_backend
@@ -63,9 +63,10 @@ def test_scaling_at_each_rank(rslora):
 @pytest.mark.parametrize("b, frozen", [(8, False), (3, False), (3, True)])
 def test_forward_and_grads_match_the_oracle(backend, b, frozen):
     _, layer = make_layer()
+    layer.to(DEVICE)  # the kernel backends run on the GPU where there is one
     layer.set_rank(b, frozen=frozen)
     assert layer.frozen == frozen
-    x = torch.randn(2, 5, 40, requires_grad=True)
+    x = torch.randn(2, 5, 40, device=DEVICE, requires_grad=True)
     with use_backend(backend):
         y = layer(x)
         grad_out = torch.randn_like(y)

@@ -9,7 +9,8 @@ Three custom ops with fake (meta) implementations, so ``torch.compile(fullgraph=
   pays LoRA plus a per-column scale.
 
 Each op's body hands its inputs to the backend chosen by ``lowrank_kernels.backend`` (reference math in
-``lowrank_kernels.reference.dora``, Triton kernels in ``lowrank_kernels.kernels.dora``).
+``lowrank_kernels.reference.dora``, Triton kernels in ``lowrank_kernels.kernels.dora``, CUDA C++ in
+``lowrank_kernels.kernels.cuda_ext``).
 
 Saved for backward: x, W0, bias, A, B, m, the norm ([N]), ``xa`` ([M, R] fp32, as LoRA) and one [M, N] tensor:
 the output y itself without dropout (z is recovered as ``(y - bias) / g``; autograd usually keeps y alive anyway
@@ -24,14 +25,26 @@ import numbers
 import torch
 from torch import Tensor
 
-from ..backend import dispatch, requested_backend, triton_impl, use_backend
+from ..backend import cuda_impl, dispatch, requested_backend, triton_impl, use_backend
 from ..reference import dora as reference
 from ..reference.lora import dropout_mask
 from .lora import _check_tensor, _seed_int, _xa_dtype, check_lora_inputs
 
-_NORM_IMPLS = {"torch": reference.dora_weight_norm, "triton": triton_impl("dora", "dora_weight_norm")}
-_FORWARD_IMPLS = {"torch": reference.dora_forward, "triton": triton_impl("dora", "dora_forward")}
-_BACKWARD_IMPLS = {"torch": reference.dora_backward, "triton": triton_impl("dora", "dora_backward")}
+_NORM_IMPLS = {
+    "torch": reference.dora_weight_norm,
+    "triton": triton_impl("dora", "dora_weight_norm"),
+    "cuda": cuda_impl("cuda_ext", "dora_weight_norm"),
+}
+_FORWARD_IMPLS = {
+    "torch": reference.dora_forward,
+    "triton": triton_impl("dora", "dora_forward"),
+    "cuda": cuda_impl("cuda_ext", "dora_forward"),
+}
+_BACKWARD_IMPLS = {
+    "torch": reference.dora_backward,
+    "triton": triton_impl("dora", "dora_backward"),
+    "cuda": cuda_impl("cuda_ext", "dora_backward"),
+}
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:

@@ -3,7 +3,8 @@
 ``lowrank_kernels::lora_fwd`` and ``lowrank_kernels::lora_bwd`` are custom ops with fake (meta) implementations,
 so ``torch.compile(fullgraph=True)`` traces through them; ``register_autograd`` ties them together. Each op's
 body hands its inputs to the backend chosen by ``lowrank_kernels.backend`` (reference math in
-``lowrank_kernels.reference``, Triton kernels in ``lowrank_kernels.kernels.lora``).
+``lowrank_kernels.reference``, Triton kernels in ``lowrank_kernels.kernels.lora``, CUDA C++ in
+``lowrank_kernels.kernels.cuda_ext``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ import numbers
 import torch
 from torch import Tensor
 
-from ..backend import dispatch, requested_backend, triton_impl, use_backend
+from ..backend import cuda_impl, dispatch, requested_backend, triton_impl, use_backend
 from ..reference import lora as reference
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-_FORWARD_IMPLS = {"torch": reference.lora_forward, "triton": triton_impl("lora", "lora_forward")}
-_BACKWARD_IMPLS = {"torch": reference.lora_backward, "triton": triton_impl("lora", "lora_backward")}
+_FORWARD_IMPLS = {
+    "torch": reference.lora_forward,
+    "triton": triton_impl("lora", "lora_forward"),
+    "cuda": cuda_impl("cuda_ext", "lora_forward"),
+}
+_BACKWARD_IMPLS = {
+    "torch": reference.lora_backward,
+    "triton": triton_impl("lora", "lora_backward"),
+    "cuda": cuda_impl("cuda_ext", "lora_backward"),
+}
 
 
 def _seed_int(seed: Tensor | None) -> int:

@@ -2,7 +2,8 @@
 
 ``lowrank_kernels::multi_lora_fwd`` is a custom op with a fake (meta) implementation, so ``torch.compile`` traces
 it; its body hands the inputs to the backend chosen by ``lowrank_kernels.backend`` (gather-bmm reference in
-``lowrank_kernels.reference.multi_lora``, segmented Triton kernels in ``lowrank_kernels.kernels.multi_lora``).
+``lowrank_kernels.reference.multi_lora``, segmented Triton kernels in ``lowrank_kernels.kernels.multi_lora``,
+per-row CUDA C++ kernels in ``lowrank_kernels.kernels.cuda_ext``).
 Inference only: serving frozen adapters has no backward (the op is not differentiable; LoRALinear trains).
 
 The per-layer path is host-only arithmetic on facts fixed when the batch was built (``AdapterBatch``): no
@@ -16,13 +17,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapter_pool import AdapterBatch, AdapterPool
-from ..backend import dispatch, triton_impl
+from ..backend import cuda_impl, dispatch, triton_impl
 from ..reference import multi_lora as reference
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-_FORWARD_IMPLS = {"torch": reference.multi_lora_forward, "triton": triton_impl("multi_lora", "multi_lora_forward")}
+_FORWARD_IMPLS = {
+    "torch": reference.multi_lora_forward,
+    "triton": triton_impl("multi_lora", "multi_lora_forward"),
+    "cuda": cuda_impl("cuda_ext", "multi_lora_forward"),
+}
 
 
 @torch.library.custom_op("lowrank_kernels::multi_lora_fwd", mutates_args=())

@@ -100,8 +100,7 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
     return [name for name in BACKENDS if availability(name, device) is None]
 
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_DTYPES = KERNEL_DTYPES  # what the Triton and the CUDA extension kernels take alike
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton and the CUDA C++ kernels take
 
 
 def _kernel_impl(label: str, module: str, fn_name: str) -> Callable:

@@ -46,6 +46,10 @@ _TRAINABLE = ("lora_A", "lora_B", "lora_E", "lora_magnitude_vector")
 Targets = str | Collection[str]  # peft's configs hold lists, or sets after __post_init__
 
 
+def _is_all_linear(targets: Targets) -> bool:
+    return isinstance(targets, str) and targets.lower() == ALL_LINEAR
+
+
 def _name_matches(targets: Targets, name: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
@@ -95,7 +99,7 @@ def select_modules(
     _check_targets("target_modules", target_modules)
     if exclude_modules is not None:
         _check_targets("exclude_modules", exclude_modules)
-    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    all_linear = _is_all_linear(target_modules)
     output_layer = _output_layer(model) if all_linear else None
     selected = []
     for name, module in model_modules(model):
@@ -115,7 +119,7 @@ def find_target_modules(model: nn.Module, target_modules: Targets, exclude_modul
 
     Raises ``ValueError`` when nothing matches and ``TypeError`` when a match is not an ``nn.Linear``.
     """
-    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    all_linear = _is_all_linear(target_modules)
     names = []
     for name, module in select_modules(model, target_modules, exclude_modules):
         if isinstance(module, ADAPTER_LAYERS):
@@ -221,12 +225,8 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> list[str]:
     if merge and any(isinstance(m, MultiLoRALinear) for _, m in layers):
         raise ValueError("merge=True: a MultiLoRALinear holds many adapters and cannot be merged into one weight")
     for name, layer in layers:
-        if isinstance(layer, MultiLoRALinear):
-            pass
-        elif merge and not layer.merged:
-            layer.merge()
-        elif not merge and layer.merged:
-            layer.unmerge()
+        if not isinstance(layer, MultiLoRALinear) and layer.merged != merge:
+            layer.merge() if merge else layer.unmerge()
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         linear.weight, linear.bias = layer.weight, layer.bias
         if name:

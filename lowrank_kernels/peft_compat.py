@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .inject import adapter_layers, find_target_modules, inject_adapters, pattern_value, select_modules
 from .modules.adalora import RANKNUM_EPS, AdaLoRALinear
 from .modules.dora import DoRALinear
-from .modules.multi_lora import MultiLoRALinear
+from .modules.multi_lora import MultiLoRALinear, multi_lora_layers
 
 __all__ = ["load_peft_adapter", "load_peft_adapters_for_serving", "save_peft_adapter"]
 
@@ -101,6 +101,7 @@ _LORA_PARAMS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
 _DORA_PARAMS = {**_LORA_PARAMS, "lora_magnitude_vector": "magnitude"}
 _ADALORA_PARAMS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E", "ranknum": "ranknum"}
 _PARAMS = {"lora": _LORA_PARAMS, "dora": _DORA_PARAMS, "adalora": _ADALORA_PARAMS}
+_SUFFIX_OF = {kind: {param: suffix for suffix, param in params.items()} for kind, params in _PARAMS.items()}
 _REQUIRED = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude"),
              "adalora": ("lora_A", "lora_B", "lora_E")}  # fmt: skip
 
@@ -196,8 +197,7 @@ def _group_tensors(tensors: dict[str, Tensor], kind: str, where: Path) -> dict[s
     if unexpected:
         raise ValueError(f"{where}: unexpected tensors for a {kind} adapter: {_show(unexpected)} (expected "
                          f"'{KEY_PREFIX}<module>.' + one of {list(params)})")  # fmt: skip
-    suffix_of = {param: suffix for suffix, param in params.items()}
-    missing = [f"{KEY_PREFIX}{module}.{suffix_of[p]}" for module, found in grouped.items()
+    missing = [f"{KEY_PREFIX}{module}.{_SUFFIX_OF[kind][p]}" for module, found in grouped.items()
                for p in _REQUIRED[kind] if p not in found]  # fmt: skip
     if missing:
         raise ValueError(f"{where}: missing tensors: {_show(missing)}")
@@ -291,11 +291,11 @@ class _Adapter:
         k = self.rank(module)
         expected = {"lora_A": (k, in_features), "lora_B": (out_features, k), "magnitude": (out_features,),
                     "lora_E": (k, 1), "ranknum": (1,)}  # fmt: skip
-        suffix_of = {param: suffix for suffix, param in _PARAMS[self.kind].items()}
         for param, tensor in self.modules[module].items():
             if tuple(tensor.shape) != expected[param]:
                 source = "AdaLoRA's kept triplets" if self.kind == "adalora" else "r / rank_pattern"
-                raise ValueError(f"{self.where}: tensor '{KEY_PREFIX}{module}.{suffix_of[param]}' has shape "
+                key = f"{KEY_PREFIX}{module}.{_SUFFIX_OF[self.kind][param]}"
+                raise ValueError(f"{self.where}: tensor '{key}' has shape "
                                  f"{list(tensor.shape)}; the layer [{out_features}, {in_features}] with rank {k} "
                                  f"({source}) needs {list(expected[param])}")  # fmt: skip
 
@@ -317,11 +317,15 @@ class _Adapter:
 # ---- load into inject_adapters layers ---------------------------------------------------------------------------
 
 
-def _adopt(param: Tensor, tensor: Tensor) -> None:
-    """Make ``param`` at least as precise as ``tensor`` (peft keeps float32 adapters on a bf16 base), then copy."""
+def _promote(param: Tensor, tensor: Tensor) -> None:
+    """Make ``param`` at least as precise as ``tensor`` (peft keeps float32 adapters on a bf16 base)."""
     dtype = torch.promote_types(param.dtype, tensor.dtype)
     if dtype != param.dtype:
         param.data = param.data.to(dtype)
+
+
+def _adopt(param: Tensor, tensor: Tensor) -> None:
+    _promote(param, tensor)
     param.copy_(tensor)
 
 
@@ -330,8 +334,7 @@ def _load_layer(layer: nn.Module, adapter: _Adapter, module: str) -> None:
     w = adapter.modules[module]
     if isinstance(layer, AdaLoRALinear):
         for name in ("lora_A", "lora_B", "lora_E"):
-            p = getattr(layer, name)
-            p.data = p.data.to(torch.promote_types(p.dtype, w[name].dtype))
+            _promote(getattr(layer, name), w[name])
         if "ranknum" in w:  # an older peft saved it; load_state_dict's hook refreshes the layer's host copy
             layer.load_state_dict({"ranknum": w["ranknum"].to(layer.ranknum.dtype)}, strict=False)
         keep = adapter.masks.get(module)
@@ -455,7 +458,7 @@ def save_peft_adapter(
     ``RankAllocator`` or peft's ``AdaLoraConfig``) supplies the schedule fields (default: peft's, ``total_step=1``).
     One kind per model (rsLoRA, dropout and, for AdaLoRA, r and alpha uniform): peft's config holds one of each.
     """
-    layers = [(n, m) for n, m in adapter_layers(model)]
+    layers = adapter_layers(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no adapter layers: wrap it with inject_adapters first")
     multi = [n for n, m in layers if isinstance(m, MultiLoRALinear)]
@@ -596,8 +599,7 @@ def load_peft_adapters_for_serving(
         too_big = [f"{name} (r={ranks[name][mod]})" for name in targeting if ranks[name][mod] > pool_rank]
         if too_big:
             raise ValueError(f"module {mod!r}: adapters above its pool's max_rank {pool_rank}: {', '.join(too_big)}")
-    existing = [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
-    for n, m in existing:
+    for n, m in multi_lora_layers(model):
         clash = [name for name in read if name in m.pool or name in m.pool.untargeted]
         if clash:
             raise ValueError(f"module {n!r} already has adapters named {clash}")

@@ -69,3 +69,14 @@ def oracle(x, weight, bias, A, B, v, *, scale, rank, mask=None, grad_rank_start=
         if v is not None:
             grads[3][:grad_rank_start] = 0
     return y.detach(), grads
+
+
+def tiny_llama(vocab_size: int = 64):
+    """A 2-layer transformers Llama (hidden 32, seeded random weights, nothing downloaded); needs transformers."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32)  # fmt: skip
+    return transformers.LlamaForCausalLM(config)

@@ -5,7 +5,7 @@ On CPU the reference backend runs inside the registered ops; on a GPU the same t
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, tiny_llama
 from torch import nn
 
 from lowrank_kernels import LoRALinear, lora_linear
@@ -74,19 +74,15 @@ def test_compile_functional_with_dynamic_rank():
 # ---- a real architecture: a 2-layer Llama from transformers (random weights, nothing downloaded) -----------------
 
 
-def tiny_llama(method: str | None = None, **inject_kwargs):
-    transformers = pytest.importorskip("transformers")
+def llama_with_adapters(method: str, **inject_kwargs):
+    pytest.importorskip("transformers")
     from lowrank_kernels.inject import inject_adapters
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).to(DEVICE)
-    if method is not None:
-        inject_adapters(model, "all-linear", method=method, **inject_kwargs)
-        for name, p in model.named_parameters():  # LoRA's B = 0 / AdaLoRA's lambda = 0 would hide a dropped term
-            if "lora_B" in name or "lora_E" in name:
-                nn.init.normal_(p, std=0.1)
+    model = tiny_llama().to(DEVICE)
+    inject_adapters(model, "all-linear", method=method, **inject_kwargs)
+    for name, p in model.named_parameters():  # LoRA's B = 0 / AdaLoRA's lambda = 0 would hide a dropped term
+        if "lora_B" in name or "lora_E" in name:
+            nn.init.normal_(p, std=0.1)
     return model
 
 
@@ -94,7 +90,7 @@ def tiny_llama(method: str | None = None, **inject_kwargs):
 def test_compile_fullgraph_llama_forward_backward(method):
     """torch.compile(model, fullgraph=True) of a transformers Llama with adapters on every linear layer: no graph
     break, and the logits and every adapter gradient match eager execution."""
-    model = tiny_llama(method, r=4, alpha=8.0)
+    model = llama_with_adapters(method, r=4, alpha=8.0)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
@@ -119,7 +115,8 @@ def test_gpu_cuda_graph_llama_decode_step_with_mixed_adapters():
     from lowrank_kernels import serve_batch, use_backend
     from lowrank_kernels.inject import inject_multi_lora
 
-    model = tiny_llama().to(torch.bfloat16).eval()
+    pytest.importorskip("transformers")
+    model = tiny_llama().to(DEVICE, torch.bfloat16).eval()
     names = inject_multi_lora(model, "all-linear", capacity=3, max_rank=8)
     g = torch.Generator().manual_seed(3)
     for i, r in enumerate((8, 4, 2)):

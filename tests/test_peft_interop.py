@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import rel_err, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -44,23 +45,9 @@ VOCAB, SEQ = 128, 7
 TOL = 1e-10
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
-
-
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(config).to(torch.float64).eval()
+    return tiny_llama(VOCAB).to(torch.float64).eval()
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ class _Runtime:
 
 
 def _runtime(device: torch.device) -> _Runtime:
+    """Every launcher gets its runtime here: the one seam tests/test_cuda_ext.py swaps for an emulation on CPU."""
     return _Runtime(device)
 
 

@@ -55,10 +55,9 @@ from test_lora_bench import (
 from torch import nn
 
 from lowrank_kernels import lora_linear, use_backend
-from lowrank_kernels.ops.dora import dora_linear, dora_weight_norm, weight_norm_sq
-from lowrank_kernels.reference import lora_linear_ref
-from lowrank_kernels.reference.dora import dora_linear_ref
-from lowrank_kernels.reference.lora import dropout_mask
+from lowrank_kernels.ops.dora.naive import dora_linear_ref
+from lowrank_kernels.ops.dora.op import dora_linear, dora_weight_norm, weight_norm_sq
+from lowrank_kernels.ops.lora.naive import dropout_mask, lora_linear_ref
 from lowrank_kernels.shapes import BENCH_M, DECODE_MAX_M, RANKS, LayerShape, floor_us
 
 DROPOUT = 0.1

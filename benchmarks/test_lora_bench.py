@@ -41,7 +41,7 @@ from torch import nn
 
 from lowrank_kernels import lora_linear, use_backend
 from lowrank_kernels.backend import ENV_VAR as BACKEND_ENV_VAR
-from lowrank_kernels.reference import lora_linear_ref
+from lowrank_kernels.ops.lora.naive import lora_linear_ref
 from lowrank_kernels.shapes import (
     BENCH_M,
     DECODE_MAX_M,

@@ -38,11 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_kernels import lora_linear, use_backend
-from lowrank_kernels.adapter_pool import AdapterBatch, AdapterPool
+from lowrank_kernels import AdapterBatch, AdapterPool, lora_linear, use_backend
 from lowrank_kernels.backend import ENV_VAR as BACKEND_ENV_VAR
-from lowrank_kernels.ops.multi_lora import multi_lora_linear
-from lowrank_kernels.reference.multi_lora import adapter_mix, multi_lora_forward
+from lowrank_kernels.ops.multi_lora.naive import adapter_mix, multi_lora_forward
+from lowrank_kernels.ops.multi_lora.op import multi_lora_linear
 from lowrank_kernels.shapes import (
     DECODE_MAX_M,
     H100_BF16_FLOPS_PER_S,

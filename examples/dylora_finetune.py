@@ -25,7 +25,7 @@ from common import build_llama, device_and_dtype
 from torch import nn
 
 from lowrank_kernels import RankSampler, set_model_rank
-from lowrank_kernels.inject import find_target_modules, inject_adapters
+from lowrank_kernels.models.inject import find_target_modules, inject_adapters
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 

@@ -1,24 +1,25 @@
 """lowrank_kernels: fused GPU kernels for low-rank adapters (LoRA, DyLoRA, DoRA, AdaLoRA, multi-adapter serving).
 
-Layers, one direction of dependency: ``kernels`` (Triton) -> ``ops`` (torch.library ops, autograd, functional API,
-backend dispatch) -> ``modules`` (drop-in nn.Linear replacements) -> model-level helpers (``dylora``, ``adalora``,
-``inject``: adapters into any model by module name, ``peft_compat``: peft's adapter files in and out).
-``reference`` holds the plain PyTorch math every op is tested against.
+Layers, one direction of dependency: ``ops`` (one folder per op: the naive math, the registered op with its one
+forward/backward orchestration, the Triton and CUDA C++ primitives) -> ``modules`` (drop-in nn.Linear replacements,
+the adapter pool) -> ``training`` (DyLoRA, AdaLoRA) and ``models`` (peft's target rules, peft adapter files).
+``backend``, ``_checks``, ``_triton_utils`` and ``_cuda_ext`` serve the ops and import nothing above them.
 """
 
-from .adalora import AdaLoRAConfig, RankAllocator, orth_reg
-from .adapter_pool import AdapterBatch, AdapterPool
 from .backend import BackendUnavailableError, available_backends, use_backend
-from .dylora import RankSampler, set_model_rank
-from .inject import adapter_layers, find_target_modules, inject_adapters, inject_multi_lora, remove_adapters
+from .models.inject import adapter_layers, find_target_modules, inject_adapters, inject_multi_lora, remove_adapters
+from .models.peft_compat import load_peft_adapter, load_peft_adapters_for_serving, save_peft_adapter
 from .modules.adalora import AdaLoRALinear
 from .modules.dora import DoRALinear
 from .modules.lora import LoRALinear
 from .modules.multi_lora import MultiLoRALinear, serve_batch
-from .ops.dora import dora_linear, dora_weight_norm
-from .ops.lora import dropout_mask, lora_linear
-from .ops.multi_lora import multi_lora_linear
-from .peft_compat import load_peft_adapter, load_peft_adapters_for_serving, save_peft_adapter
+from .modules.pool import AdapterPool
+from .ops.dora.op import dora_linear, dora_weight_norm
+from .ops.lora.op import dropout_mask, lora_linear
+from .ops.multi_lora.batch import AdapterBatch
+from .ops.multi_lora.op import multi_lora_linear
+from .training.adalora import AdaLoRAConfig, RankAllocator, orth_reg
+from .training.dylora import RankSampler, set_model_rank
 
 __version__ = "0.1.0"
 

@@ -1,13 +1,17 @@
-"""Which implementation runs an op: ``torch`` (reference), ``triton`` or ``cuda`` (the csrc extension).
+"""Which implementation runs an op: ``torch`` (the naive reference), ``triton`` or ``cuda`` (the csrc extension).
 
 Choice, first match wins:
 1. the innermost ``use_backend(name)`` context;
 2. the ``LOWRANK_KERNELS_BACKEND`` environment variable (``torch|triton|cuda``, or ``auto``);
 3. auto: for CUDA tensors Triton, then the CUDA extension, then torch; torch for everything else.
 
-A backend asked for by name must be able to run the call, or the call raises ``BackendUnavailableError``
-with the reason. An automatically chosen backend that cannot take the inputs is skipped; one that fails while
-running is reported once as a warning and the next candidate runs (torch, the reference, always can).
+A backend is *unavailable* for a call when it is not importable, has no device for the tensors, or does not take
+their dtype (the kernels take float16/bfloat16/float32; float64 is the reference's alone). That is decided before
+anything launches. A backend asked for by name that is unavailable raises ``BackendUnavailableError`` with the
+reason; the automatic choice skips it. Nothing here catches an exception from a launched kernel: a kernel bug on
+valid inputs propagates (no silent fallback; after a sticky CUDA error a fallback could not run anyway).
+``LOWRANK_KERNELS_STRICT=1`` (CI, the GPU run) also forbids the automatic choice to skip the device's first
+backend for want of Triton or the extension: a CUDA call then runs on Triton or raises.
 Importing this module imports neither Triton nor the extension.
 """
 
@@ -18,23 +22,20 @@ import contextvars
 import functools
 import importlib
 import os
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "LOWRANK_KERNELS_BACKEND"
+STRICT_ENV_VAR = "LOWRANK_KERNELS_STRICT"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton and the CUDA C++ kernels take
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("lowrank_kernels_backend", default=None)
 
 
 class BackendUnavailableError(RuntimeError):
-    """A backend requested by name cannot run this call (not installed, no GPU, unsupported input)."""
-
-
-class UnsupportedInputError(Exception):
-    """Raised by a backend implementation for inputs it does not handle (e.g. float64 in Triton)."""
+    """A backend requested by name (or, in strict mode, the automatic first choice) cannot run this call."""
 
 
 def _check_name(name: str, source: str) -> str:
@@ -64,103 +65,76 @@ def requested_backend() -> str | None:
     return _check_name(env, ENV_VAR)
 
 
+def strict() -> bool:
+    """``LOWRANK_KERNELS_STRICT=1``: the automatic choice never moves past the device's first backend."""
+    return os.environ.get(STRICT_ENV_VAR, "0").strip() == "1"
+
+
 def interpreter_active() -> bool:
     """Triton's CPU interpreter runs kernels on CPU tensors (TRITON_INTERPRET=1): the test suite's mode."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
-def _import_error(module: str) -> str | None:
+def import_error(module: str) -> str | None:
+    """Why ``module`` does not import (None if it does); kept, and shown when that backend is asked for."""
     try:
         importlib.import_module(module)
-    except Exception as exc:  # any import failure means "unavailable"; keep why, show it when asked for
+    except Exception as exc:  # any import failure means "unavailable"; keep why
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
-def availability(name: str, device: torch.device) -> str | None:
-    """None if backend ``name`` can run on ``device``, else the reason it cannot."""
+def availability(name: str, device: torch.device | str) -> str | None:
+    """None if backend ``name`` can run on ``device`` in this process, else the reason it cannot."""
     _check_name(name, "backend")
+    device = torch.device(device)
     if name == "torch":
         return None
     if name == "triton":
-        if device.type != "cuda" and not interpreter_active():
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "no CUDA device is available"
+        elif not interpreter_active():
             return f"Triton needs CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs it on the CPU)"
-        err = _import_error("triton")
+        err = import_error("triton")
         return None if err is None else f"Triton is not importable ({err})"
     if device.type != "cuda":
         return f"the CUDA extension needs CUDA tensors (got {device.type})"
-    err = _import_error("lowrank_kernels._C")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    err = import_error("lowrank_kernels._C")
     return None if err is None else f"the CUDA extension lowrank_kernels._C is not built or failed to load ({err})"
 
 
 def available_backends(device: torch.device | str = "cuda") -> list[str]:
-    """Backends that can run on ``device`` in this process."""
-    device = torch.device(device)
+    """Backends that can run on ``device`` in this process (``torch`` always; the kernels only with a GPU)."""
     return [name for name in BACKENDS if availability(name, device) is None]
 
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton and the CUDA C++ kernels take
+def _dtype_reason(name: str, dtypes: set[torch.dtype]) -> str | None:
+    if name == "torch" or dtypes <= set(KERNEL_DTYPES):
+        return None
+    return f"its kernels take float16/bfloat16/float32, got {sorted(map(str, dtypes))}"
 
 
-def _kernel_impl(label: str, module: str, fn_name: str) -> Callable:
-    """``lowrank_kernels.kernels.<module>.<fn_name>``, imported on first call, behind the dtype rule shared by the
-    Triton and the CUDA C++ kernels: floating-point tensor arguments outside KERNEL_DTYPES (e.g. float64) raise
-    UnsupportedInputError, so an automatic choice moves on to the next backend; integer metadata passes through."""
-
-    def run(*args, **kwargs):
-        dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
-        if not dtypes <= set(KERNEL_DTYPES):
-            got = sorted(map(str, dtypes))
-            raise UnsupportedInputError(f"{label} kernels take float16/bfloat16/float32, got {got}")
-        return getattr(importlib.import_module(f"lowrank_kernels.kernels.{module}"), fn_name)(*args, **kwargs)
-
-    return run
-
-
-def triton_impl(module: str, fn_name: str) -> Callable:
-    """The Triton launcher ``lowrank_kernels.kernels.<module>.<fn_name>``: importing the package never needs Triton."""
-    return _kernel_impl("Triton", module, fn_name)
-
-
-def cuda_impl(module: str, fn_name: str) -> Callable:
-    """The CUDA C++ launcher ``lowrank_kernels.kernels.<module>.<fn_name>`` (``cuda_ext``, which loads the compiled
-    extension ``lowrank_kernels._C`` on first use): same interface and dtype rule as ``triton_impl``."""
-    return _kernel_impl("CUDA extension", module, fn_name)
-
-
-_warned: set[tuple[str, str]] = set()
-
-
-def dispatch(op: str, impls: Mapping[str, Callable], device: torch.device, *args, **kwargs):
-    """Call ``impls[backend](*args, **kwargs)`` for the backend chosen for ``device`` (see the module docstring)."""
+def choose(op: str, device: torch.device, tensors: Iterable[torch.Tensor | None]) -> str:
+    """The backend that runs ``op`` on ``device`` for these tensor arguments (see the module docstring)."""
+    dtypes = {t.dtype for t in tensors if t is not None and t.is_floating_point()}
     name = requested_backend()
     if name is not None:
-        reason = availability(name, device) or (None if name in impls else f"op {op} has no {name} implementation")
+        reason = availability(name, device) or _dtype_reason(name, dtypes)
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} was requested for {op} but {reason}")
-        try:
-            return impls[name](*args, **kwargs)
-        except UnsupportedInputError as exc:
-            raise BackendUnavailableError(f"backend {name!r} was requested for {op} but {exc}") from exc
-
-    candidates = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
-    for name in candidates:
-        if name not in impls or availability(name, device) is not None:
-            continue
-        if name == "torch":
-            return impls[name](*args, **kwargs)
-        try:
-            return impls[name](*args, **kwargs)
-        except UnsupportedInputError:
-            continue
-        except Exception as exc:  # an automatic choice that fails falls back (Liger's rule); say so once
-            if (op, name) not in _warned:
-                _warned.add((op, name))
-                warnings.warn(
-                    f"lowrank_kernels: {name} backend failed for {op} ({type(exc).__name__}: {exc}); "
-                    "falling back to the next backend",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-    raise BackendUnavailableError(f"no backend can run {op} on {device}")  # unreachable: torch runs anywhere
+        return name
+    if device.type != "cuda":
+        return "torch"
+    if _dtype_reason("triton", dtypes) is not None:  # float64: the reference's alone, decided by dtype
+        return "torch"
+    for name in ("triton", "cuda"):
+        reason = availability(name, device)
+        if reason is None:
+            return name
+        if strict():
+            raise BackendUnavailableError(f"{STRICT_ENV_VAR}=1 and {op} cannot run on {name}: {reason}")
+    return "torch"

@@ -21,8 +21,8 @@ import time
 import torch
 from torch import nn
 
-from lowrank_kernels.dylora import RankSampler, set_model_rank
 from lowrank_kernels.modules.lora import LoRALinear
+from lowrank_kernels.training.dylora import RankSampler, set_model_rank
 
 IN_DIM, HIDDEN, OUT_DIM = 64, 128, 64
 DECAY = 0.6  # ratio of consecutive singular values of the teacher's deltas

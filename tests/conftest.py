@@ -1,7 +1,7 @@
 """Shared test setup.
 
 Without a GPU, the Triton kernels run under Triton's CPU interpreter: TRITON_INTERPRET must be set before any
-kernel is decorated, i.e. before ``lowrank_kernels.kernels`` is imported (the package imports it lazily).
+kernel is decorated, i.e. before ``lowrank_kernels.ops.*.triton`` is imported (the package imports it lazily).
 The interpreter's bf16 ``tl.dot`` is broken (~1e10), so interpreter cases use float32 / float16; bf16 runs on the GPU.
 Helpers the tests import live in ``helpers.py`` (a module named conftest would clash with benchmarks/conftest.py).
 """

@@ -5,7 +5,7 @@ import importlib.util
 import torch
 
 from lowrank_kernels.backend import availability
-from lowrank_kernels.reference import lora_linear_ref
+from lowrank_kernels.ops.lora.naive import lora_linear_ref
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None

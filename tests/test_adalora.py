@@ -14,8 +14,8 @@ from torch import nn
 
 import lowrank_kernels.modules.adalora as adalora_module
 from lowrank_kernels import dropout_mask, use_backend
-from lowrank_kernels.adalora import AdaLoRAConfig, RankAllocator, orth_reg
 from lowrank_kernels.modules.adalora import AdaLoRALinear
+from lowrank_kernels.training.adalora import AdaLoRAConfig, RankAllocator, orth_reg
 
 IN, OUT, R = 37, 50, 9  # odd sizes: no tile divides them
 

@@ -1,6 +1,4 @@
-"""Backend choice: automatic, by environment, by context manager; clear errors; fallback of an automatic choice."""
-
-import warnings
+"""Backend choice: automatic, by environment, by context manager; clear errors; no fallback past a launched kernel."""
 
 import pytest
 import torch
@@ -46,28 +44,68 @@ def test_requested_cuda_extension_unavailable_raises():
         lora_linear(x, weight, bias, A, B, scale=1.0)
 
 
-def test_kernel_impls_share_the_dtype_rule():
-    """triton_impl and cuda_impl refuse float64 alike (UnsupportedInputError, so an automatic choice moves on),
-    without importing their kernel module; integer metadata passes the rule."""
-    for impl, label in ((backend_mod.triton_impl, "Triton"), (backend_mod.cuda_impl, "CUDA extension")):
-        run = impl("no_such_module", "f")
-        with pytest.raises(backend_mod.UnsupportedInputError, match=f"{label} kernels take float16/bfloat16/float32"):
-            run(torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.int32))
-        with pytest.raises(ModuleNotFoundError):  # a supported dtype reaches the (lazy) import
-            run(torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.int32))
-
-
-def test_auto_choice_falls_back_from_triton_to_cuda(monkeypatch):
-    """On CUDA tensors the automatic order is Triton, the CUDA extension, then the reference."""
+def _pretend_gpu(monkeypatch, unavailable=()):
+    """Make ``availability`` say every backend but ``unavailable`` can run on CUDA tensors."""
     monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
-    monkeypatch.setattr(backend_mod, "availability", lambda name, device: None)
+    monkeypatch.delenv(backend_mod.STRICT_ENV_VAR, raising=False)
+    monkeypatch.setattr(backend_mod, "availability", lambda name, device: "absent" if name in unavailable else None)
 
-    def broken():
-        raise RuntimeError("Triton compile failed")
 
-    impls = {"triton": broken, "cuda": lambda: "cuda", "torch": lambda: "reference"}
-    with pytest.warns(RuntimeWarning, match="triton backend failed for cuda_fallback_op"):
-        assert backend_mod.dispatch("cuda_fallback_op", impls, torch.device("cuda")) == "cuda"
+def test_auto_choice_order_on_cuda_skips_only_unavailable_backends(monkeypatch):
+    """On CUDA tensors the automatic order is Triton, the CUDA extension, then the reference: a backend is skipped
+    only when it is unavailable (decided before launching), and float64 goes to the reference by its dtype."""
+    gpu, half, f64 = torch.device("cuda"), torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float64)
+    _pretend_gpu(monkeypatch)
+    assert backend_mod.choose("op", gpu, [half, None]) == "triton"
+    assert backend_mod.choose("op", gpu, [f64]) == "torch"
+    _pretend_gpu(monkeypatch, unavailable=("triton",))
+    assert backend_mod.choose("op", gpu, [half]) == "cuda"
+    _pretend_gpu(monkeypatch, unavailable=("triton", "cuda"))
+    assert backend_mod.choose("op", gpu, [half]) == "torch"
+    assert backend_mod.choose("op", torch.device("cpu"), [half]) == "torch"
+
+
+def test_strict_mode_never_falls_back(monkeypatch):
+    """LOWRANK_KERNELS_STRICT=1 (CI, the GPU run): an unavailable first choice raises instead of moving on."""
+    _pretend_gpu(monkeypatch, unavailable=("triton",))
+    monkeypatch.setenv(backend_mod.STRICT_ENV_VAR, "1")
+    with pytest.raises(BackendUnavailableError, match="STRICT=1 and op cannot run on triton: absent"):
+        backend_mod.choose("op", torch.device("cuda"), [torch.zeros(2, dtype=torch.float16)])
+    assert backend_mod.choose("op", torch.device("cuda"), [torch.zeros(2, dtype=torch.float64)]) == "torch"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed")
+def test_a_failing_kernel_propagates_and_is_never_retried_elsewhere(monkeypatch):
+    """An exception raised by a launched kernel on valid inputs propagates, with the automatic choice too: a kernel
+    bug must not turn into a silent slowdown on another backend."""
+    from lowrank_kernels.ops.lora import op
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append("triton")
+        raise RuntimeError("PTX compile failed")
+
+    class BrokenTriton:
+        shrink = lowrank_matmul = weight_grad = fused_forward = staticmethod(broken)
+
+    real = op.implementation
+    monkeypatch.setattr(op, "implementation", lambda name: BrokenTriton if name == "triton" else real(name))
+    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float32, device=DEVICE)
+    with use_backend("triton"), pytest.raises(RuntimeError, match="PTX compile failed"):
+        lora_linear(x, weight, bias, A, B, scale=1.0)
+    monkeypatch.setattr(backend_mod, "choose", lambda *a: "triton")  # the automatic choice picked Triton
+    with pytest.raises(RuntimeError, match="PTX compile failed"):
+        lora_linear(x, weight, bias, A, B, scale=1.0)
+    assert calls == ["triton", "triton"]
+
+
+def test_no_gpu_lists_only_the_reference():
+    """On a machine without a GPU only torch can run CUDA tensors' ops: Triton and the extension are not listed."""
+    if HAS_CUDA:
+        pytest.skip("this machine has a GPU")
+    assert available_backends("cuda") == ["torch"]
+    assert "no CUDA device" in backend_mod.availability("triton", "cuda")
 
 
 def test_requested_triton_without_gpu_or_interpreter_raises(monkeypatch):
@@ -87,30 +125,7 @@ def test_requested_triton_rejects_float64():
 def test_auto_on_cpu_is_the_reference(monkeypatch):
     monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
     assert available_backends("cpu")[0] == "torch"
-    calls = []
-    impls = {"torch": lambda: calls.append("torch") or "ref", "triton": lambda: calls.append("triton")}
-    assert backend_mod.dispatch("op", impls, torch.device("cpu")) == "ref"
-    assert calls == ["torch"]
-
-
-def test_auto_choice_that_fails_falls_back_with_one_warning(monkeypatch):
-    """Pretend to be on a GPU where Triton is available but broken: the reference answers, with one warning."""
-    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
-    monkeypatch.setattr(backend_mod, "availability", lambda name, device: None if name != "cuda" else "absent")
-
-    def broken():
-        raise RuntimeError("PTX compile failed")
-
-    impls = {"triton": broken, "torch": lambda: "reference"}
-    fake_gpu = torch.device("cuda")
-    with pytest.warns(RuntimeWarning, match="triton backend failed for fallback_op"):
-        assert backend_mod.dispatch("fallback_op", impls, fake_gpu) == "reference"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # said once, not on every call
-        assert backend_mod.dispatch("fallback_op", impls, fake_gpu) == "reference"
-    # Asked for by name, the same failure propagates.
-    with use_backend("triton"), pytest.raises(RuntimeError, match="PTX compile failed"):
-        backend_mod.dispatch("fallback_op", impls, fake_gpu)
+    assert backend_mod.choose("op", torch.device("cpu"), [torch.zeros(2)]) == "torch"
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and Triton")
@@ -121,20 +136,17 @@ def test_auto_on_cuda_prefers_triton():
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed")
 def test_backward_uses_the_forward_backend(monkeypatch):
     """Autograd may run the backward on another thread (CUDA), outside the forward's use_backend context."""
-    from lowrank_kernels.ops import lora as lora_ops
+    from lowrank_kernels.ops.lora import op
 
     monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
     calls = []
+    real = op.lora_backward
 
-    def recording(name, impl):
-        def run(*args, **kwargs):
-            calls.append(name)
-            return impl(*args, **kwargs)
+    def recording(impl, *args, **kwargs):
+        calls.append(impl.__name__.rsplit(".", 1)[-1])
+        return real(impl, *args, **kwargs)
 
-        return run
-
-    for name, impl in list(lora_ops._BACKWARD_IMPLS.items()):
-        monkeypatch.setitem(lora_ops._BACKWARD_IMPLS, name, recording(name, impl))
+    monkeypatch.setattr(op, "lora_backward", recording)
     x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float32, device=DEVICE)
     A.requires_grad_()
     with use_backend("triton"):

@@ -76,7 +76,7 @@ def test_compile_functional_with_dynamic_rank():
 
 def llama_with_adapters(method: str, **inject_kwargs):
     pytest.importorskip("transformers")
-    from lowrank_kernels.inject import inject_adapters
+    from lowrank_kernels.models.inject import inject_adapters
 
     model = tiny_llama().to(DEVICE)
     inject_adapters(model, "all-linear", method=method, **inject_kwargs)
@@ -113,7 +113,7 @@ def test_gpu_cuda_graph_llama_decode_step_with_mixed_adapters():
     """A decode step of a Llama whose linear layers are MultiLoRALinear (4 requests, one token each) is captured in a
     CUDA graph once and replayed with new tokens and new adapter ids; every replay equals eager execution."""
     from lowrank_kernels import serve_batch, use_backend
-    from lowrank_kernels.inject import inject_multi_lora
+    from lowrank_kernels.models.inject import inject_multi_lora
 
     pytest.importorskip("transformers")
     model = tiny_llama().to(DEVICE, torch.bfloat16).eval()

@@ -23,14 +23,20 @@ import test_multi_lora
 import torch
 from helpers import DEVICE, HAS_CUDA, REL_TOL, make_lora_inputs, rel_err
 
-from lowrank_kernels import BackendUnavailableError, available_backends, lora_linear, use_backend
+from lowrank_kernels import (
+    AdapterBatch,
+    AdapterPool,
+    BackendUnavailableError,
+    available_backends,
+    lora_linear,
+    use_backend,
+)
 from lowrank_kernels import backend as backend_mod
-from lowrank_kernels.adapter_pool import AdapterBatch, AdapterPool
 from lowrank_kernels.kernels import cuda_ext
-from lowrank_kernels.ops.dora import dora_linear
-from lowrank_kernels.ops.multi_lora import multi_lora_linear
-from lowrank_kernels.reference.lora import dropout_mask
-from lowrank_kernels.reference.multi_lora import multi_lora_forward as multi_lora_reference
+from lowrank_kernels.ops.dora.op import dora_linear
+from lowrank_kernels.ops.lora.naive import dropout_mask
+from lowrank_kernels.ops.multi_lora.naive import multi_lora_forward as multi_lora_reference
+from lowrank_kernels.ops.multi_lora.op import multi_lora_linear
 
 
 def _extension_or_none():

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lowrank_kernels.inject import inject_adapters
+from lowrank_kernels.models.inject import inject_adapters
 
 WORLD = 2
 BATCH = 8

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_kernels.dylora import RankSampler, set_model_rank
 from lowrank_kernels.modules.lora import LoRALinear
+from lowrank_kernels.training.dylora import RankSampler, set_model_rank
 
 # ---------------------------------------------------------------------------------------------- RankSampler
 

@@ -144,7 +144,7 @@ def test_dropout_mask_is_shared_and_reproducible(backend, seed):
     assert abs((mask == 0).float().mean().item() - 0.25) < 0.03
     assert torch.all((mask == 0) | (mask == torch.tensor(1 / 0.75, dtype=torch.float32)))
     if backend == "triton":
-        from lowrank_kernels.kernels.lora import dropout_mask as kernel_mask
+        from lowrank_kernels.ops.lora.triton import dropout_mask as kernel_mask
 
         assert torch.equal(kernel_mask(seed, (40, 64), 0.25, x.device), mask)
 
@@ -166,7 +166,7 @@ def test_rank_change_never_recompiles(backend):
     with use_backend(backend):
         lora_linear(x, weight, bias_t, A, B, scale=SCALE, rank=16)
         if backend == "triton" and HAS_CUDA:
-            from lowrank_kernels.kernels import lora as kernels
+            from lowrank_kernels.ops.lora import triton as kernels
 
             sizes = [len(k.device_caches[0][0]) for k in (kernels.lora_matmul_kernel, kernels.lora_shrink_kernel)]
         for b in (1, 3, 8, 15):
@@ -238,7 +238,7 @@ def test_gpu_int64_offsets():
 
 @pytest.mark.skipif("triton" not in kernel_backends(), reason="Triton not installed")
 def test_gemm_strategy_choice(monkeypatch):
-    from lowrank_kernels.kernels.lora import CUBLAS_GEMM_MIN_M, GEMM_ENV_VAR, use_cublas_gemm
+    from lowrank_kernels.ops.lora.triton import CUBLAS_GEMM_MIN_M, GEMM_ENV_VAR, use_cublas_gemm
 
     monkeypatch.delenv(GEMM_ENV_VAR, raising=False)
     assert not use_cublas_gemm(CUBLAS_GEMM_MIN_M - 1) and use_cublas_gemm(CUBLAS_GEMM_MIN_M)

@@ -12,17 +12,17 @@ import torch
 from helpers import DEVICE, HAS_CUDA, REL_TOL, kernel_backends, kernel_dtypes, rel_err
 from torch import nn
 
-from lowrank_kernels import BackendUnavailableError, lora_linear, use_backend
-from lowrank_kernels.adapter_pool import AdapterBatch, AdapterPool, max_tiles
+from lowrank_kernels import AdapterBatch, AdapterPool, BackendUnavailableError, lora_linear, use_backend
 from lowrank_kernels.modules.multi_lora import MultiLoRALinear, serve_batch
-from lowrank_kernels.ops.multi_lora import multi_lora_linear
-from lowrank_kernels.reference.dora import dora_weight_norm
-from lowrank_kernels.reference.multi_lora import (
+from lowrank_kernels.ops.dora.naive import row_norm
+from lowrank_kernels.ops.multi_lora.batch import max_tiles
+from lowrank_kernels.ops.multi_lora.naive import (
     ADAPTER_MIXES,
     adapter_mix,
     multi_lora_forward,
     multi_lora_linear_ref,
 )
+from lowrank_kernels.ops.multi_lora.op import multi_lora_linear
 
 CASES = [
     pytest.param(backend, dtype, id=f"{backend}-{str(dtype).removeprefix('torch.')}")
@@ -140,7 +140,7 @@ def test_ranks_past_one_rank_block_and_k_splits(backend, dtype, poison_empty):
     ids = [0, 1, 2, 3, 0, -1, 3, 2, 1, 0]
     check(backend, dtype, linear, pool, adapters, ids, [66, None, None, 33, 70, None, 80, None, 2, 1])
     if backend == "triton":
-        from lowrank_kernels.kernels.multi_lora import _k_splits
+        from lowrank_kernels.ops.multi_lora.triton import _k_splits
 
         assert _k_splits(max_tiles(10, 5), 2, 300, 128, linear.weight.device) > 1
 
@@ -194,12 +194,12 @@ def test_rows_without_adapter_are_the_base_layer(backend, dtype):
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_all_rows_without_adapter_launch_nothing(backend, monkeypatch):
     """A batch with no adapter row runs F.linear alone: no backend is called."""
-    import lowrank_kernels.ops.multi_lora as ops
+    import lowrank_kernels.ops.multi_lora.op as op
 
     def fail(*args):
         raise AssertionError("an adapter implementation ran for a batch without adapters")
 
-    monkeypatch.setattr(ops, "_FORWARD_IMPLS", {"torch": fail, "triton": fail})
+    monkeypatch.setattr(op, "implementation", fail)
     linear, pool, _ = make_setup(torch.float32)
     batch = AdapterBatch.build(pool, [-1, None, -1])
     x = make_x(3, linear.in_features, torch.float32)
@@ -538,7 +538,9 @@ def test_dora_norm_is_factored_and_matches_the_direct_norm():
     """g_i = m_i / ||W0 + s B A||_row computed at load time, factored (chunked over rows), equal to the direct norm."""
     W0, A, B = torch.randn(50, 37, dtype=torch.float64), torch.randn(6, 37, dtype=torch.float64), torch.randn(50, 6)
     direct = torch.linalg.vector_norm(W0 + 0.7 * (B.double() @ A), dim=1)
-    torch.testing.assert_close(dora_weight_norm(W0, A, B, None, 0.7, 6, chunk_rows=16), direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        row_norm(W0, A, B, None, scale=0.7, rank=6, chunk_rows=16), direct, rtol=1e-12, atol=1e-12
+    )
     linear = make_linear(37, 50, torch.float64)
     pool = AdapterPool.for_linear(linear, 2, 8)
     m = torch.rand(50, dtype=torch.float64) + 0.5

@@ -1,7 +1,7 @@
 """``AdaLoRALinear``: peft's AdaLoRA ``SVDLinear`` as a drop-in ``nn.Linear``, computed by the fused LoRA op.
 
 AdaLoRA (DESIGN.md §3) parameterises the update in SVD form, ``delta W = P diag(lambda) Q``, and prunes the least
-important triplets ``(P[:, i], lambda_i, Q[i])`` during training (``lowrank_kernels.adalora.RankAllocator``)::
+important triplets ``(P[:, i], lambda_i, Q[i])`` during training (``lowrank_kernels.training.adalora.RankAllocator``)::
 
     y = x W0^T + bias + s' * ((drop(x) Q^T) * (lambda * keep)) P^T,    s' = scaling / (ranknum + 1e-5)
 
@@ -49,7 +49,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops.lora import dropout_mask, lora_linear
+from ..ops.lora.op import dropout_mask, lora_linear
 from .merge import DeltaMerge
 
 __all__ = ["AdaLoRALinear"]

@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ..ops.dora import dora_linear, dora_weight_norm, weight_norm_sq
+from ..ops.dora.op import dora_linear, dora_weight_norm, weight_norm_sq
 from .lora import LoRALinear
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops.lora import lora_linear
+from ..ops.lora.op import lora_linear
 from .merge import DeltaMerge
 
 

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from ..adapter_pool import AdapterBatch, AdapterPool
-from ..ops.multi_lora import multi_lora_linear
+from ..ops.multi_lora.batch import AdapterBatch
+from ..ops.multi_lora.op import multi_lora_linear
+from .pool import AdapterPool
 
 
 class MultiLoRALinear(nn.Module):

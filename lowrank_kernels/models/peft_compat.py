@@ -42,10 +42,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..modules.adalora import RANKNUM_EPS, AdaLoRALinear
+from ..modules.dora import DoRALinear
+from ..modules.multi_lora import MultiLoRALinear, multi_lora_layers
 from .inject import adapter_layers, find_target_modules, inject_adapters, pattern_value, select_modules
-from .modules.adalora import RANKNUM_EPS, AdaLoRALinear
-from .modules.dora import DoRALinear
-from .modules.multi_lora import MultiLoRALinear, multi_lora_layers
 
 __all__ = ["load_peft_adapter", "load_peft_adapters_for_serving", "save_peft_adapter"]
 

@@ -1,17 +1,17 @@
-"""Triton kernels for LoRA / DyLoRA (``y = x W0^T + bias + s ((drop(x) A[:b]^T) * v) B[:, :b]^T``) and launchers.
-
-Math and notation: ``lowrank_kernels/reference/lora.py``. Three kernels cover forward and backward:
+"""LoRA / DyLoRA on Triton: the primitives ``shrink``, ``lowrank_matmul``, ``weight_grad`` (interface and math:
+``naive.py``) and the one-launch decode override ``fused_forward``. Four kernels:
 
 - ``lora_shrink_kernel``:  ``t = drop(x) A[:b]^T``              (forward ``xa``; backward ``dyb = dy B[:, :b]``)
 - ``lora_matmul_kernel``:  ``y = x W^T + bias + s (t * v) U^T``  (forward ``y``; backward ``dx``), the low-rank
   term added in the GEMM epilogue. At decode sizes it also computes ``t`` itself, so the forward is one launch.
-  Optionally (DoRA, ``kernels/dora.py``) a per-column output scale and a second accumulator for ``drop(x) W^T``.
+  Optionally (DoRA) a per-column output scale, a second accumulator for ``drop(x) W^T`` and the pre-scale sum ``z``.
+- ``lowrank_epilogue_kernel``: the same epilogue in place after a cuBLAS base GEMM (DoRA above M = 64).
 - ``lora_weight_grad_kernel``: ``out = s v * t^T drop(x)``     (``dA`` and ``dB^T``), split over M.
 
 The active rank ``b`` is a runtime argument everywhere: masked loads and runtime loop bounds, never a
 ``tl.constexpr``, so changing it never recompiles and the bytes read track ``b``. Dropout masks are a pure
 function of ``(seed, row, column)`` (a counter hash), so the backward regenerates the forward's mask, never saves it.
-Launchers check nothing the ops layer already checked; they allocate, pick tiles and launch.
+The primitives check nothing the op already checked; they allocate, pick tiles and launch.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..._triton_utils import dot_precision, dropout_keep, grouped_program, pipeline_stages, rank_block, row_splits
+
 # Forward at M <= 64 runs as one launch that also computes xa; it keeps xa for all ranks in registers.
 FUSED_SHRINK_MAX_M = 64
 FUSED_SHRINK_MAX_RANK = 128
@@ -32,6 +34,9 @@ FUSED_SHRINK_MAX_RANK = 128
 # or =cublas forces one strategy (the benchmarks time both). Unmeasured: see docs/GPU_NOTES.md.
 CUBLAS_GEMM_MIN_M = 65
 GEMM_ENV_VAR = "LOWRANK_KERNELS_LORA_GEMM"
+# Split-M weight gradients: at least this many rows per split (~2 programs per SM on an H100 otherwise). Tests lower
+# it so that several splits run on small shapes.
+WEIGHT_GRAD_MIN_ROWS = 256
 
 
 def use_cublas_gemm(M: int) -> bool:
@@ -40,36 +45,6 @@ def use_cublas_gemm(M: int) -> bool:
     if choice not in ("auto", "triton", "cublas"):
         raise ValueError(f"{GEMM_ENV_VAR} must be auto, triton or cublas, got {choice!r}")
     return choice == "cublas" or (choice == "auto" and M >= CUBLAS_GEMM_MIN_M)
-
-
-@triton.jit
-def _fmix32(h):
-    """murmur3's 32-bit finaliser: a bijection with full avalanche (reference.dropout_keep computes the same)."""
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
-
-
-@triton.jit
-def _dropout_keep(seed, p_drop, o_m, o_k, n_cols):
-    """[len(o_m), len(o_k)] booleans: does dropout keep x at (row o_m, column o_k) of an n_cols-wide x?
-
-    Kernels zero the dropped inputs (exact in any dtype) and apply 1/(1-p) to the fp32 accumulator, so a
-    float16 x is never rounded twice.
-
-    A hash of (seed, m * n_cols + k), bit-identical to ``reference.dropout_mask``, so every backend, the forward
-    and the backward draw the same mask whatever the Triton version.
-    """
-    o_flat = o_m[:, None] * n_cols + o_k[None, :]
-    b_lo = o_flat.to(tl.uint32)
-    b_hi = (o_flat >> 32).to(tl.uint32)
-    b_key = _fmix32(seed.to(tl.uint32) ^ 0x9E3779B9)
-    b_hash = _fmix32(_fmix32(b_lo ^ b_key) ^ b_hi)
-    b_uniform = (b_hash >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits: exact in float32
-    return b_uniform >= p_drop
 
 
 @triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
@@ -87,7 +62,7 @@ def dropout_mask_kernel(
     """Materialise the dropout mask the other kernels apply (tests and debugging only)."""
     o_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    b_mask = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), 1.0 / (1.0 - p_drop), 0.0)
+    b_mask = tl.where(dropout_keep(seed, p_drop, o_m, o_k, K), 1.0 / (1.0 - p_drop), 0.0)
     p_out = out_ptr + o_m[:, None] * stride_om + o_k[None, :] * stride_ok
     tl.store(p_out, b_mask, mask=(o_m[:, None] < M) & (o_k[None, :] < K))
 
@@ -134,7 +109,7 @@ def lora_shrink_kernel(
         p_x = x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            b_x = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
+            b_x = tl.where(dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
         p_a = a_ptr + o_r[:, None] * stride_ar + o_k[None, :] * stride_ak
         b_a = tl.load(p_a, mask=m_r[:, None] & m_k[None, :], other=0.0)
         b_acc = tl.dot(b_x, tl.trans(b_a), b_acc, input_precision=DOT_PRECISION)
@@ -188,6 +163,7 @@ def lora_matmul_kernel(
     EPILOGUE_DROPOUT: tl.constexpr,
     HAS_COL_SCALE: tl.constexpr,
     DROPPED_X: tl.constexpr,
+    STORE_Z: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -206,20 +182,15 @@ def lora_matmul_kernel(
     DROPPED_X (not with FUSE_SHRINK): a second accumulator takes ``drop(x) W^T`` from the same W tiles, reading
     ``xd`` = x with its dropped entries zeroed (unscaled; 1/(1-p) is applied to the accumulator), and
     ``y = (x - drop(x)) W^T + g * (drop(x) W^T + low-rank) + bias`` (DoRA's dropout form, peft's
-    ``x W0^T + (g - 1) drop(x) W0^T + g s ...``); ``z = drop(x) W^T + low-rank`` (before g) is stored to z_ptr.
+    ``x W0^T + (g - 1) drop(x) W0^T + g s ...``).
+    STORE_Z: ``z`` (the sum before g: ``x W^T + low-rank``, with DROPPED_X ``drop(x) W^T + low-rank``) is stored to
+    z_ptr: DoRA's magnitude gradient reads it (saving z rather than y leaves y free for in-place ops).
     xd is an input, not a mask drawn here: every column block would redraw the same [BLOCK_M, K] mask, N / BLOCK_N
     hashes per element (estimate: at M = 2048 on 4096x4096, 270M hashes of ~25 integer ops, several GEMMs' time).
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M row blocks so W tiles stay in L2.
     """
     tl.static_assert(not (DROPPED_X and FUSE_SHRINK), "DROPPED_X reads xd; the fused shrink draws its own mask")
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_program(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -250,7 +221,7 @@ def lora_matmul_kernel(
             b_acc_drop = tl.dot(b_xd, tl.trans(b_w), b_acc_drop, input_precision=DOT_PRECISION)
         if FUSE_SHRINK:
             if SHRINK_DROPOUT:
-                b_x = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
+                b_x = tl.where(dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
             p_a = a_ptr + o_ra[:, None] * stride_ar + o_k[None, :] * stride_ak
             b_a = tl.load(p_a, mask=(o_ra[:, None] < rank) & m_k[None, :], other=0.0)
             b_t = tl.dot(b_x, tl.trans(b_a), b_t, input_precision=DOT_PRECISION)
@@ -293,11 +264,11 @@ def lora_matmul_kernel(
             )
             b_low = tl.dot((b_t * scale).to(b_u.dtype), tl.trans(b_u), b_low, input_precision=DOT_PRECISION)
         if EPILOGUE_DROPOUT:
-            b_acc += tl.where(_dropout_keep(seed, p_drop, o_m, o_n, N), b_low * (1.0 / (1.0 - p_drop)), 0.0)
+            b_acc += tl.where(dropout_keep(seed, p_drop, o_m, o_n, N), b_low * (1.0 / (1.0 - p_drop)), 0.0)
         else:
             b_acc = b_low
 
-    if DROPPED_X:
+    if STORE_Z:
         p_z = z_ptr + o_m[:, None] * stride_zm + o_n[None, :] * stride_zn
         tl.store(p_z, b_acc.to(z_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
     if HAS_COL_SCALE:
@@ -363,7 +334,7 @@ def lora_weight_grad_kernel(
             x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0
         )
         if HAS_DROPOUT:
-            b_x = tl.where(_dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
+            b_x = tl.where(dropout_keep(seed, p_drop, o_m, o_k, K), b_x, 0.0)
         b_acc = tl.dot(tl.trans(b_t.to(b_x.dtype)), b_x, b_acc, input_precision=DOT_PRECISION)
     b_scale = tl.zeros((BLOCK_R,), tl.float32) + scale / (1.0 - p_drop)  # p_drop = 0 without dropout
     if HAS_RANK_SCALE:
@@ -373,23 +344,68 @@ def lora_weight_grad_kernel(
     tl.store(p_out, b_acc, mask=m_r[:, None] & m_k[None, :])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers: allocation, tile choice, grid. No autograd, no input validation (the ops layer does it).
-# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def lowrank_epilogue_kernel(
+    y_ptr,
+    t_ptr,
+    u_ptr,
+    num_ptr,
+    den_ptr,
+    bias_ptr,
+    z_ptr,
+    M,
+    N,
+    rank,
+    scale,
+    stride_ym,
+    stride_yn,
+    stride_tm,
+    stride_tr,
+    stride_un,
+    stride_ur,
+    stride_zm,
+    stride_zn,
+    HAS_BIAS: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """In place after cuBLAS: z = y + scale * t[:, :rank] U[:, :rank]^T, y = g * z + bias, g = num / den (fp32).
+
+    y: [M, N] (holds x W0^T), t: [M, >=rank] float32, U: [N, >=rank], num, den, bias: [N]; z: [M, N] (STORE_Z).
+    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
+    """
+    o_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = o_m < M
+    m_n = o_n < N
+    m_mn = m_m[:, None] & m_n[None, :]
+    p_y = y_ptr + o_m[:, None] * stride_ym + o_n[None, :] * stride_yn
+    b_acc = tl.load(p_y, mask=m_mn, other=0.0).to(tl.float32)
+    for r_start in range(0, rank, BLOCK_R):
+        o_r = r_start + tl.arange(0, BLOCK_R)
+        m_r = o_r < rank
+        p_t = t_ptr + o_m[:, None] * stride_tm + o_r[None, :] * stride_tr
+        b_t = tl.load(p_t, mask=m_m[:, None] & m_r[None, :], other=0.0)
+        p_u = u_ptr + o_n[:, None] * stride_un + o_r[None, :] * stride_ur
+        b_u = tl.load(p_u, mask=m_n[:, None] & m_r[None, :], other=0.0)
+        b_acc = tl.dot((b_t * scale).to(b_u.dtype), tl.trans(b_u), b_acc, input_precision=DOT_PRECISION)
+    if STORE_Z:
+        p_z = z_ptr + o_m[:, None] * stride_zm + o_n[None, :] * stride_zn
+        tl.store(p_z, b_acc.to(z_ptr.dtype.element_ty), mask=m_mn)
+    b_num = tl.load(num_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_den = tl.load(den_ptr + o_n, mask=m_n, other=1.0).to(tl.float32)
+    b_acc *= tl.div_rn(b_num, b_den)[None, :]
+    if HAS_BIAS:
+        b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_mn)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get true fp32 products, as torch's F.linear gives by default (tf32 would be 3e-4 off).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _rank_block(rank: int) -> int:
-    """Rank tile: tl.dot needs >= 16; 64 keeps the [BLOCK_M, BLOCK_R] fp32 accumulator in registers."""
-    return min(64, max(16, triton.next_power_of_2(rank)))
-
-
-# Hopper allows 227 KB of shared memory per block; leave room for the epilogue's layout conversions.
-SHARED_MEMORY_BUDGET = 160 * 1024
+# ---------------------------------------------------------------------------------------------------------------
+# The primitives (interface and math: ``naive.py``): allocation, tile choice, grid. No validation: the op did it.
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumulators: bool = False) -> dict:
@@ -411,27 +427,26 @@ def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumul
     if two_accumulators and M > FUSED_SHRINK_MAX_M and dtype != torch.float32:
         tiles["BLOCK_M"] = 64
     rows_per_stage = tiles["BLOCK_M"] * (2 if two_accumulators else 1) + tiles["BLOCK_N"] + fused_rank_block
-    stage_bytes = rows_per_stage * tiles["BLOCK_K"] * dtype.itemsize
-    tiles["num_stages"] = max(1, min(4, SHARED_MEMORY_BUDGET // stage_bytes))
+    tiles["num_stages"] = pipeline_stages(rows_per_stage, tiles["BLOCK_K"], dtype.itemsize)
     return tiles
 
 
-def _launch_matmul(
-    x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, shrink_dropout, epilogue_dropout, p_drop, seed,
-    col_scale=None, xd=None, z=None,
-):  # fmt: skip
-    """y = x w^T + bias + scale * (t * v) u^T (see lora_matmul_kernel); w, u, a may be any strided views.
+def _launch_matmul(x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, p_drop, seed, epilogue_dropout=False,
+                   col_scale=None, xd=None, z=None) -> None:  # fmt: skip
+    """lora_matmul_kernel: y = x w^T + bias + scale * (t * v) u^T with its options; w, u, a may be any strided views.
 
-    ``col_scale``: (num [N], den [N]), HAS_COL_SCALE; ``xd`` [M, K] and ``z`` [M, N] (together): DROPPED_X.
+    ``a`` (FUSE_SHRINK): A, the shrink rides the K loop and writes t; ``col_scale``: (num [N], den [N]);
+    ``xd`` [M, K]: DROPPED_X; ``z`` [M, N]: STORE_Z.
     """
     M, K = x.shape
     N = w.shape[0]
-    block_r = max(16, triton.next_power_of_2(a.shape[0])) if fuse_shrink else _rank_block(rank)
-    tiles = _matmul_tiles(M, x.dtype, block_r if fuse_shrink else 0, two_accumulators=z is not None)
+    block_r = max(16, triton.next_power_of_2(a.shape[0])) if fuse_shrink else rank_block(rank)
+    tiles = _matmul_tiles(M, x.dtype, block_r if fuse_shrink else 0, two_accumulators=xd is not None)
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
     a = a if a is not None else u  # unused when not fusing; any tensor satisfies the signature
     num, den = col_scale if col_scale is not None else (y, y)
-    xd_in, z_out = (xd, z) if z is not None else (x, y)  # unused without DROPPED_X
+    xd_in = xd if xd is not None else x
+    z_out = z if z is not None else y
     lora_matmul_kernel[grid](
         x, w, bias if bias is not None else y, t, u, v if v is not None else t, a, y, num, den, xd_in, z_out, seed,
         M, N, K, rank, float(scale), float(p_drop),
@@ -439,119 +454,95 @@ def _launch_matmul(
         a.stride(0), a.stride(1), y.stride(0), y.stride(1), xd_in.stride(0), xd_in.stride(1),
         z_out.stride(0), z_out.stride(1),
         HAS_BIAS=bias is not None, HAS_RANK_SCALE=v is not None, FUSE_SHRINK=fuse_shrink,
-        SHRINK_DROPOUT=shrink_dropout, EPILOGUE_DROPOUT=epilogue_dropout, HAS_COL_SCALE=col_scale is not None,
-        DROPPED_X=z is not None, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=block_r, **tiles,
+        SHRINK_DROPOUT=fuse_shrink and p_drop > 0.0, EPILOGUE_DROPOUT=epilogue_dropout,
+        HAS_COL_SCALE=col_scale is not None, DROPPED_X=xd is not None, STORE_Z=z is not None,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r, **tiles,
     )  # fmt: skip
 
 
-def _launch_shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
+def shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
     """t [M, R] float32 = drop(x) a[:rank]^T, zero past rank. a: [R, K] (any strides)."""
     M, K = x.shape
     R = a.shape[0]
     t = torch.empty(M, R, device=x.device, dtype=torch.float32)
-    block_m, block_r = (16 if M <= 16 else 64), _rank_block(R)
+    block_m, block_r = (16 if M <= 16 else 64), rank_block(R)
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
     lora_shrink_kernel[grid](
         x, a, t, seed, M, K, R, rank, float(p_drop),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
-        HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=_dot_precision(x.dtype),
+        HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_K=64 if x.dtype == torch.float32 else 128, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
     return t
 
 
-def _launch_weight_grad(
-    t: Tensor,
-    x: Tensor,
-    v: Tensor | None,
-    *,
-    scale: float,
-    rank_start: int,
-    rank: int,
-    p_drop: float = 0.0,
-    seed: int = 0,
-) -> Tensor:
-    """[rank - rank_start, K] float32 = scale * v * t[:, rank_start:rank]^T drop(x), deterministic split-M sum."""
+def _scaled(t: Tensor, v: Tensor | None, scale: float, rank: int, dtype: torch.dtype) -> Tensor:
+    """scale * (t * v)[:, :rank] in ``dtype``: the left factor of the cuBLAS strategy's in-place addmm."""
+    t = t[:, :rank] * scale
+    return (t if v is None else t * v[:rank]).to(dtype)
+
+
+def lowrank_matmul(x, w, bias, t, u, v, *, scale, rank, p_drop=0.0, seed=0, epilogue_dropout=False, col_scale=None,
+                   dropped_x=None, save_z=False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """(y [M, N], z | None): see ``naive.lowrank_matmul``. Above ``CUBLAS_GEMM_MIN_M`` rows (``use_cublas_gemm``) the
+    base product is cuBLAS and the low-rank term an in-place rank-b addmm (with ``col_scale``:
+    ``lowrank_epilogue_kernel``); a dropout mask on the epilogue or ``dropped_x`` always take our GEMM."""
+    M = x.shape[0]
+    N = w.shape[0]
+    if use_cublas_gemm(M) and not epilogue_dropout and dropped_x is None:
+        if col_scale is None:
+            y = torch.nn.functional.linear(x, w, bias)
+            y.addmm_(_scaled(t, v, scale, rank, x.dtype), u[:, :rank].t())
+            return y, (y - bias if bias is not None else y.clone()) if save_z else None
+        y = torch.nn.functional.linear(x, w)
+        z = torch.empty_like(y) if save_z else None
+        grid = (triton.cdiv(M, 64), triton.cdiv(N, 128))
+        tv = t if v is None else t * v.float()  # DoRA has no rank scale; kept for the interface
+        lowrank_epilogue_kernel[grid](
+            y, tv, u, col_scale[0], col_scale[1], bias if bias is not None else y, z if z is not None else y,
+            M, N, rank, float(scale), y.stride(0), y.stride(1), tv.stride(0), tv.stride(1), u.stride(0), u.stride(1),
+            (z if z is not None else y).stride(0), (z if z is not None else y).stride(1),
+            HAS_BIAS=bias is not None, STORE_Z=save_z, DOT_PRECISION=dot_precision(y.dtype),
+            BLOCK_M=64, BLOCK_N=128, BLOCK_R=rank_block(rank), num_warps=4,
+        )  # fmt: skip
+        return y, z
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    z = torch.empty(M, N, device=x.device, dtype=x.dtype) if save_z else None
+    _launch_matmul(x, w, bias, t, u, v, None, y, scale=scale, rank=rank, fuse_shrink=False, p_drop=p_drop, seed=seed,
+                   epilogue_dropout=epilogue_dropout, col_scale=col_scale, xd=dropped_x, z=z)  # fmt: skip
+    return y, z
+
+
+def fused_forward(x, weight, bias, lora_A, lora_B, v, *, scale, rank, p_drop, seed, col_scale=None, save_z=False):
+    """The one-launch forward at decode sizes (M <= 64, R <= 128): the shrink rides the GEMM's K loop, column block 0
+    writes xa. Returns (y, xa, z | None), or None where it does not apply (the op then runs the primitives)."""
+    M = x.shape[0]
+    N, R = lora_B.shape
+    if M > FUSED_SHRINK_MAX_M or R > FUSED_SHRINK_MAX_RANK:
+        return None
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    z = torch.empty(M, N, device=x.device, dtype=x.dtype) if save_z else None
+    xa = torch.zeros(M, R, device=x.device, dtype=torch.float32)  # column block 0 writes xa[:, :rank]
+    _launch_matmul(x, weight, bias, xa, lora_B, v, lora_A, y, scale=scale, rank=rank, fuse_shrink=True,
+                   p_drop=p_drop, seed=seed, col_scale=col_scale, z=z)  # fmt: skip
+    return y, xa, z
+
+
+def weight_grad(t, x, v, *, scale, rank_start, rank, p_drop=0.0, seed=0) -> Tensor:
+    """[rank - rank_start, K] float32 = scale * v * t[:, rank_start:rank]^T drop(x), a deterministic split-M sum."""
     M, K = x.shape
     n_ranks = rank - rank_start
-    block_k, block_r, block_m = 128, _rank_block(n_ranks), 64
-    tiles = triton.cdiv(K, block_k) * triton.cdiv(n_ranks, block_r)
-    # Enough row splits for ~2 programs per SM on a 132-SM H100, but at least 256 rows per split.
-    splits = max(1, min(triton.cdiv(264, tiles), triton.cdiv(M, 256)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    block_k, block_r, block_m = 128, rank_block(n_ranks), 64
+    splits, rows_per_split = row_splits(M, triton.cdiv(K, block_k) * triton.cdiv(n_ranks, block_r), block_m,
+                                        min_rows=WEIGHT_GRAD_MIN_ROWS)  # fmt: skip
     out = torch.empty(splits, n_ranks, K, device=x.device, dtype=torch.float32)
     lora_weight_grad_kernel[(triton.cdiv(K, block_k), triton.cdiv(n_ranks, block_r), splits)](
         t, x, v if v is not None else t, out, seed, M, K, rank_start, rank, rows_per_split, float(scale),
         float(p_drop), t.stride(0), t.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         out.stride(2), HAS_RANK_SCALE=v is not None, HAS_DROPOUT=p_drop > 0.0,
-        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
     return out.sum(0) if splits > 1 else out[0]
-
-
-def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scale, rank, dropout_p, seed,
-                 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """x: [M, K] -> (y [M, N] in x's dtype, xa [M, R] float32 = drop(x) A[:rank]^T, zero past rank).
-
-    One launch when M <= 64 (the shrink rides the GEMM's K loop), else a shrink and then either our GEMM with the
-    low-rank epilogue or cuBLAS plus an in-place rank-b addmm (``use_cublas_gemm``).
-    """
-    M = x.shape[0]
-    N, R = lora_B.shape
-    fuse = M <= FUSED_SHRINK_MAX_M and R <= FUSED_SHRINK_MAX_RANK
-    if not fuse and use_cublas_gemm(M):
-        xa = _launch_shrink(x, lora_A, rank, p_drop=dropout_p, seed=seed)
-        y = torch.nn.functional.linear(x, weight, bias)
-        y.addmm_(_scaled(xa, rank_scale, scale, rank, x.dtype), lora_B[:, :rank].t())
-        return y, xa
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    if fuse:
-        # Column block 0 writes xa[:, :rank]; the zeros past rank come from here.
-        xa = torch.zeros(M, R, device=x.device, dtype=torch.float32)
-    else:
-        xa = _launch_shrink(x, lora_A, rank, p_drop=dropout_p, seed=seed)
-    _launch_matmul(x, weight, bias, xa, lora_B, rank_scale, lora_A if fuse else None, y, scale=scale, rank=rank,
-                   fuse_shrink=fuse, shrink_dropout=dropout_p > 0.0, epilogue_dropout=False, p_drop=dropout_p,
-                   seed=seed)  # fmt: skip
-    return y, xa
-
-
-def _scaled(t: Tensor, rank_scale: Tensor | None, scale: float, rank: int, dtype: torch.dtype) -> Tensor:
-    """scale * (t * v)[:, :rank] in ``dtype``: the left factor of the cuBLAS low-rank epilogue."""
-    t = t[:, :rank] * scale
-    return (t if rank_scale is None else t * rank_scale[:rank]).to(dtype)
-
-
-def lora_backward(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed,
-                  needs_dx=True, needs_dAB=True):  # fmt: skip
-    """Returns (dx [M, K], dA [R, K], dB [N, R], dv [R] | None); dx / dA, dB empty [0] when not needed."""
-    M = x.shape[0]
-    dy = grad_out
-    dyb = _launch_shrink(dy, lora_B.t(), rank)  # [M, R] float32, dy B[:, :rank]
-    dx = x.new_empty(0)
-    if needs_dx:
-        if use_cublas_gemm(M) and dropout_p == 0.0:  # with dropout the mask rides our GEMM's epilogue
-            dx = torch.mm(dy, weight).addmm_(_scaled(dyb, rank_scale, scale, rank, x.dtype), lora_A[:rank])
-        else:
-            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-            # dx = dy W0 + s drop'((dyb * v) A): the GEMM over N with A^T as the low-rank "up" matrix.
-            _launch_matmul(dy, weight.t(), None, dyb, lora_A.t(), rank_scale, None, dx, scale=scale, rank=rank,
-                           fuse_shrink=False, shrink_dropout=False, epilogue_dropout=dropout_p > 0.0,
-                           p_drop=dropout_p, seed=seed)  # fmt: skip
-    dA, dB = x.new_empty(0), x.new_empty(0)  # distinct tensors: custom-op outputs may not alias
-    if needs_dAB:
-        dA = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
-        dB = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
-        grad_args = dict(scale=scale, rank_start=grad_rank_start, rank=rank)
-        dA[grad_rank_start:rank] = _launch_weight_grad(dyb, x, rank_scale, p_drop=dropout_p, seed=seed, **grad_args)
-        dB[:, grad_rank_start:rank] = _launch_weight_grad(xa, dy, rank_scale, **grad_args).t()
-    dv = None
-    if rank_scale is not None:
-        dv = torch.zeros_like(rank_scale)
-        sl = slice(grad_rank_start, rank)
-        dv[sl] = (scale * (xa[:, sl] * dyb[:, sl]).sum(0)).to(rank_scale.dtype)
-    return dx, dA, dB, dv
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device) -> Tensor:

@@ -1,6 +1,6 @@
 """Triton kernels for mixed-adapter batched inference (a segmented gather matmul over a pool) and their launcher.
 
-Math and notation: ``lowrank_kernels/reference/multi_lora.py``; batch layout: ``lowrank_kernels/adapter_pool.py``.
+Math and notation: ``naive.py``; batch layout: ``batch.py``.
 The layer runs as three launches, Punica's SGMV shrink/expand around a cuBLAS base GEMM:
 
 1. ``y = x W0^T + bias``: cuBLAS ``F.linear`` (BENCH.md: a plain Triton GEMM is 1.12-1.27x cuBLAS at M >= 2048;
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .lora import _dot_precision, _rank_block
+from ..._triton_utils import dot_precision, rank_block
 
 
 @triton.jit
@@ -217,8 +217,8 @@ def multi_lora_forward(
         return y
     if not y.is_contiguous():  # F.linear returns a fresh contiguous y; the expand kernel only needs its strides
         y = y.contiguous()
-    precision = _dot_precision(x.dtype)
-    block_r = _rank_block(R)
+    precision = dot_precision(x.dtype)
+    block_r = rank_block(R)
     block_k = 64 if x.dtype == torch.float32 else 128
     rank_blocks = triton.cdiv(R, block_r)
     splits = _k_splits(T, rank_blocks, K, block_k, x.device)

@@ -16,18 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..adapter_pool import AdapterBatch, AdapterPool
-from ..backend import cuda_impl, dispatch, triton_impl
-from ..reference import multi_lora as reference
+from ... import backend
+from . import naive as reference
+from .batch import AdapterBatch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-_FORWARD_IMPLS = {
-    "torch": reference.multi_lora_forward,
-    "triton": triton_impl("multi_lora", "multi_lora_forward"),
-    "cuda": cuda_impl("cuda_ext", "multi_lora_forward"),
-}
+def implementation(name: str):
+    """The module holding this op's primitives on backend ``name``; Triton and the extension load on first use."""
+    if name == "triton":
+        from . import triton
+
+        return triton
+    if name == "cuda":
+        from . import cuda
+
+        return cuda
+    return reference
 
 
 @torch.library.custom_op("lowrank_kernels::multi_lora_fwd", mutates_args=())
@@ -55,7 +61,8 @@ def multi_lora_fwd(
         return F.linear(x, weight, bias)
     args = (x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, row_rank, row_scale, sorted_rows,
             tiles, block_m)  # fmt: skip
-    return dispatch("multi_lora_fwd", _FORWARD_IMPLS, x.device, *args)
+    impl = implementation(backend.choose("multi_lora_fwd", x.device, (x, weight, bias, lora_A, lora_B)))
+    return impl.multi_lora_forward(*args)
 
 
 @multi_lora_fwd.register_fake
@@ -78,7 +85,7 @@ def check_multi_lora_inputs(x, weight, bias, pool, batch) -> None:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         shape = getattr(weight, "shape", type(weight).__name__)
         raise ValueError(f"weight must be a 2-D [out_features, in_features] tensor, got {shape}")
-    if not isinstance(pool, AdapterPool):
+    if not all(hasattr(pool, a) for a in ("lora_A", "lora_B", "magnitude_scale", "dora_slots", "signature")):
         raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
     if not isinstance(batch, AdapterBatch):
         raise TypeError(f"batch must be an AdapterBatch (AdapterBatch.build(pool, ids)), got {type(batch).__name__}")
@@ -105,7 +112,7 @@ def check_multi_lora_inputs(x, weight, bias, pool, batch) -> None:
                          "belongs to another layer's pool): build it again for this pool")  # fmt: skip
 
 
-def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pool: AdapterPool, batch: AdapterBatch) -> Tensor:
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pool, batch: AdapterBatch) -> Tensor:
     """``y[t] = x[t] W0^T + bias + s_t (x[t] A_i[:b_t]^T) B_i[:, :b_t]^T`` with ``i`` the adapter of row ``t``.
 
     (DoRA adapters: ``g_i * (x W0^T + s (x A^T) B^T) + bias``; rows with id -1: ``x W0^T + bias``.)

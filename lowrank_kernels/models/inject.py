@@ -21,10 +21,10 @@ from collections.abc import Collection, Iterator, Mapping
 
 from torch import nn
 
-from .modules.adalora import AdaLoRALinear
-from .modules.dora import DoRALinear
-from .modules.lora import LoRALinear
-from .modules.multi_lora import MultiLoRALinear
+from ..modules.adalora import AdaLoRALinear
+from ..modules.dora import DoRALinear
+from ..modules.lora import LoRALinear
+from ..modules.multi_lora import MultiLoRALinear
 
 __all__ = [
     "ADAPTER_LAYERS",

@@ -1,0 +1,1 @@
+"""The multi_lora op: naive.py (the math), op.py (the registered op and its orchestration), triton.py, cuda.py."""

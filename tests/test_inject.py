@@ -90,6 +90,12 @@ def rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+# Two float64 computations of the same function that differ only in summation order (a GEMM blocked differently,
+# e.g. a row without an adapter computed inside a batch of other rows): each dot product of length <= 2 * D is
+# reordered, so they agree to a few dozen units of float64's epsilon, relative. A wrong term moves them by > 1e-3.
+REORDERED = 64 * torch.finfo(torch.float64).eps
+
+
 ALL = [
     f"layers.{i}.{m}"
     for i in (0, 1)
@@ -334,7 +340,8 @@ def test_inject_multi_lora_serves_by_name_in_every_layer():
                 y = model(X)
             expected = reference(X)
             assert rel_err(y[0], expected[0]) < 1e-6 and rel_err(y[2:4], expected[2:4]) < 1e-6  # float32 row scale
-            assert torch.equal(y[1], y_base[1]) and torch.equal(y[4], y_base[4])
+            assert rel_err(y[1], y_base[1]) < REORDERED and rel_err(y[4], y_base[4]) < REORDERED  # not bitwise:
+            # the pool's GEMM over the whole batch may block the sums differently from the base model's
             assert rel_err(expected, y_base) > 1e-2
     pool = model.get_submodule(ALL[1]).pool  # k_proj: no weights, both names untargeted
     assert pool.untargeted == {"a", "b"} and len(pool) == 0

@@ -1,0 +1,295 @@
+"""Run an existing peft model on the fused ops, in place: ``report = patch_peft_model(model)``.
+
+Every peft LoRA / rsLoRA / DoRA layer (``peft.tuners.lora.layer.Linear``) and AdaLoRA layer
+(``peft.tuners.adalora.layer.SVDLinear``) whose parts we support gets an instance ``forward`` that calls
+``ops.lora.op.lora_linear`` (AdaLoRA: with ``rank_scale = lora_E``) or ``ops.dora.op.dora_linear`` on peft's own
+tensors. Nothing else changes: the modules, the ``nn.Parameter`` objects (an optimizer built before the patch keeps
+training them), the state-dict keys, ``save_pretrained``, ``merge_and_unload``, ``set_adapter``,
+``disable_adapter()``, several adapters per layer (their sum, as peft) and ``adapter_names=`` mixed batches (rows
+grouped by adapter, one fused call per group).
+
+Whatever a call needs that the fused ops do not do is run by peft's own forward, decided per call, so a number is
+never silently different from peft's: a merged or disabled layer, extra forward arguments, inputs or adapters of
+another dtype or device than the base weight, several adapters at once with DoRA among them (peft feeds each DoRA
+adapter the previous adapters' sum) or with dropout in training. Layers that cannot be patched at all (another
+layer type — Embedding, Conv, quantized bases —, ``lora_bias``, LoRA variants other than DoRA, hooks on the base
+layer, ``fan_in_fan_out`` on anything but a transformers ``Conv1D``) keep peft's forward and are listed in the
+report with the reason.
+
+Dropout: ours is a counter-hash mask drawn per call, not torch's RNG stream, so with ``lora_dropout > 0`` a patched
+run equals peft's in distribution, not step by step; in eval mode (or without dropout) the numbers are peft's.
+
+peft is an optional dependency: it is imported here only, when a model is patched.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.dora.op import dora_linear
+from ..ops.lora.op import lora_linear
+
+PATCH_ATTR = "_lowrank_kernels_peft_patch"  # set on a patched layer: what unpatch needs to restore
+
+
+@dataclass
+class PeftPatchReport:
+    """What ``patch_peft_model`` did: ``patched`` maps a layer's name to its adapter kinds (e.g. ``"lora"``,
+    ``"dora"``, ``"adalora"``), ``unpatched`` maps a peft layer's name to the reason it keeps peft's forward."""
+
+    patched: dict[str, str] = field(default_factory=dict)
+    unpatched: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.patched)} peft layers run on lowrank_kernels, {len(self.unpatched)} on peft's forward"]
+        lines += [f"  not patched: {name}: {reason}" for name, reason in self.unpatched.items()]
+        return "\n".join(lines)
+
+
+def _peft_layer_types():
+    """(LoRA Linear, AdaLoRA SVDLinear, BaseTunerLayer): imported here, so peft stays optional."""
+    from peft.tuners.adalora.layer import SVDLinear
+    from peft.tuners.lora.layer import Linear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return Linear, SVDLinear, BaseTunerLayer
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 style; weight [in, out], ``y = addmm(bias, x, W)``), without importing it."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a layer and each of its adapters is: checked once at patch time (the report) and again on every call.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _layer_problem(layer: nn.Module) -> str | None:
+    """Why this peft layer cannot run on the fused ops at all, or None."""
+    lora_linear_cls, svd_linear_cls, _ = _peft_layer_types()
+    kind = type(layer)
+    if kind is not lora_linear_cls and kind is not svd_linear_cls:
+        if "Embedding" in kind.__name__:
+            return "LoRA on an nn.Embedding is not supported"
+        if "Conv" in kind.__name__:
+            return f"LoRA on a convolution ({kind.__module__}.{kind.__name__}) is not supported"
+        return f"the peft layer type {kind.__module__}.{kind.__name__} is not supported (quantized or other tuner)"
+    base = layer.get_base_layer()
+    fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+    if type(base) is nn.Linear:
+        if fan_in_fan_out:
+            return "fan_in_fan_out=True on an nn.Linear base (its weight is not [in, out])"
+    elif _is_conv1d(base):
+        if not fan_in_fan_out:
+            return "a transformers Conv1D base without fan_in_fan_out=True"
+    else:
+        return f"the base layer {type(base).__module__}.{type(base).__name__} is not an nn.Linear or Conv1D"
+    if _has_hooks(base):
+        return "the base layer has forward hooks (e.g. accelerate offloading), which the fused op would skip"
+    if base.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"the base weight has dtype {base.weight.dtype}"
+    return None
+
+
+def _is_adalora(layer: nn.Module) -> bool:
+    return type(layer) is _peft_layer_types()[1]
+
+
+def _adapter_problem(layer: nn.Module, name: str) -> str | None:
+    """Why adapter ``name`` of this (supported) layer cannot run on the fused ops, or None."""
+    weight = layer.get_base_layer().weight
+    if _is_adalora(layer):
+        tensors = [layer.lora_A[name], layer.lora_B[name], layer.lora_E[name]]
+        if layer.lora_A[name].shape[0] == 0:
+            return f"adapter {name!r} has rank 0"
+    else:
+        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+        if layer.lora_bias.get(name, False) or lora_B.bias is not None:
+            return f"adapter {name!r} uses lora_bias, which is not supported"
+        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or _has_hooks(lora_A) or _has_hooks(lora_B):
+            return f"adapter {name!r}'s lora_A / lora_B are not plain nn.Linear modules"
+        variant = layer.lora_variant.get(name)
+        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+            return f"adapter {name!r} is a LoRA variant ({type(variant).__name__}) we do not support"
+        tensors = [lora_A.weight, lora_B.weight]
+        if variant is not None:
+            tensors.append(layer.lora_magnitude_vector[name].weight)
+    for t in tensors:
+        if t.dtype != weight.dtype or t.device != weight.device:
+            return (f"adapter {name!r} is {t.dtype} on {t.device} but the base weight is {weight.dtype} on "
+                    f"{weight.device} (the fused op takes one dtype)")  # fmt: skip
+    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return f"adapter {name!r}'s lora_dropout is a {type(layer.lora_dropout[name]).__name__}"
+    return None
+
+
+def _is_dora(layer: nn.Module, name: str) -> bool:
+    return not _is_adalora(layer) and layer.lora_variant.get(name) is not None
+
+
+def _dropout_p(layer: nn.Module, name: str) -> float:
+    """The dropout probability peft's ``lora_dropout`` module applies now (0 in eval mode)."""
+    dropout = layer.lora_dropout[name]
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _base_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """W0 as [out, in] (a Conv1D's [in, out] weight transposed: a view, never a copy) and the bias."""
+    base = layer.get_base_layer()
+    weight = base.weight.t() if _is_conv1d(base) else base.weight
+    return weight, base.bias
+
+
+def _low_rank_term(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, float, Tensor | None]:
+    """(A [R, K], B [N, R], scale, rank_scale [R] | None) of a LoRA or AdaLoRA adapter, peft's own tensors."""
+    if _is_adalora(layer):
+        # peft: (x (A * E)^T B^T) * scaling / (ranknum + 1e-5); ranknum is float(r), never trained
+        ranknum = float(layer.ranknum[name].detach().reshape(-1)[0])
+        scale = float(layer.scaling[name]) / (ranknum + 1e-5)
+        return layer.lora_A[name], layer.lora_B[name], scale, layer.lora_E[name].reshape(-1)
+    return layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]), None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused forward of one layer.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fused_adapters(layer: nn.Module, x: Tensor, names: list[str]) -> Tensor | None:
+    """``x W0^T + bias + sum over names of each adapter's term`` on the fused ops, or None where a call needs
+    peft's forward (the caller runs it). names: the active adapters this layer holds (at least one)."""
+    weight, bias = _base_weight(layer)
+    if x.dtype != weight.dtype or x.device != weight.device or not x.is_floating_point():
+        return None
+    if any(_adapter_problem(layer, n) is not None for n in names):
+        return None
+    if len(names) == 1:
+        name = names[0]
+        p = _dropout_p(layer, name)
+        if _is_dora(layer, name):
+            magnitude = layer.lora_magnitude_vector[name].weight
+            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+            return dora_linear(x, weight, bias, A, B, magnitude, scale=float(layer.scaling[name]), dropout=p)
+        A, B, scale, rank_scale = _low_rank_term(layer, name)
+        return lora_linear(x, weight, bias, A, B, scale=scale, rank_scale=rank_scale, dropout=p)
+    # Several adapters at once: one fused call on the adapters stacked along the rank, each rank carrying its own
+    # adapter's scale (torch.cat is differentiable, so every adapter's parameters get their gradients).
+    if any(_is_dora(layer, n) for n in names) or any(_dropout_p(layer, n) > 0.0 for n in names):
+        return None  # peft feeds a DoRA adapter the previous adapters' sum; our dropout draws one mask per call
+    terms = [_low_rank_term(layer, n) for n in names]
+    A = torch.cat([t[0] for t in terms])
+    B = torch.cat([t[1] for t in terms], dim=1)
+    rank_scale = torch.cat([t[2] * (t[0].new_ones(t[0].shape[0]) if t[3] is None else t[3]) for t in terms])
+    return lora_linear(x, weight, bias, A, B, scale=1.0, rank_scale=rank_scale)
+
+
+def _mixed_batch(layer: nn.Module, x: Tensor, adapter_names: list[str]) -> Tensor | None:
+    """peft's ``adapter_names=`` forward (row i of x, along dim 0, uses adapter ``adapter_names[i]``; "__base__" or a
+    name this layer lacks: the base alone), one fused call per adapter on its rows; None: peft's forward runs."""
+    weight, bias = _base_weight(layer)
+    if x.dtype != weight.dtype or x.device != weight.device:
+        return None
+    rows_of: dict[str, list[int]] = {}
+    for i, name in enumerate(adapter_names):
+        rows_of.setdefault(name, []).append(i)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for name, rows in rows_of.items():
+        index = torch.tensor(rows, device=x.device)
+        if name in layer.lora_A.keys():
+            if _adapter_problem(layer, name) is not None or _is_dora(layer, name):
+                return None
+            rows_out = _fused_adapters(layer, x[index], [name])
+            if rows_out is None:
+                return None
+            out[index] = rows_out
+        else:
+            out[index] = nn.functional.linear(x[index], weight, bias)
+    return out
+
+
+def _patched_forward(layer: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    """The instance forward of a patched layer: the fused ops where they give peft's numbers, else peft's forward."""
+    peft_forward = getattr(layer, PATCH_ATTR)["peft_forward"]
+    adapter_names = kwargs.get("adapter_names")
+    extra = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
+    plain = not args and not extra and not layer.disable_adapters and not layer.merged
+    if plain and not torch.is_autocast_enabled(x.device.type):
+        if adapter_names is not None:
+            layer._check_forward_args(x, adapter_names=adapter_names)  # peft's own errors (lengths, DoRA, merged)
+            out = _mixed_batch(layer, x, adapter_names)
+        else:
+            names = [n for n in layer.active_adapters if n in layer.lora_A.keys()]
+            out = _fused_adapters(layer, x, names) if names else None
+        if out is not None:
+            return out
+    return peft_forward(x, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _adapter_kinds(layer: nn.Module) -> str:
+    if _is_adalora(layer):
+        return "adalora"
+    kinds = {"dora" if _is_dora(layer, n) else ("rslora" if layer.use_rslora.get(n) else "lora") for n in layer.lora_A}
+    return "+".join(sorted(kinds))
+
+
+def patch_peft_model(model: nn.Module) -> PeftPatchReport:
+    """Make every supported peft LoRA / rsLoRA / DoRA / AdaLoRA layer inside ``model`` run on the fused ops, in place.
+
+    model: a ``peft.PeftModel`` or any module with peft tuner layers inside. Returns a ``PeftPatchReport`` naming the
+    patched layers and, for every other peft layer, why it keeps peft's forward. Patching twice is a no-op (the
+    layers already patched are reported as patched); ``unpatch_peft_model`` restores peft's forward exactly.
+    """
+    _, _, base_tuner_layer = _peft_layer_types()
+    report = PeftPatchReport()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, base_tuner_layer):
+            continue
+        problem = _layer_problem(module)
+        if problem is None:
+            problem = next(filter(None, (_adapter_problem(module, n) for n in module.lora_A.keys())), None)
+        if problem is not None:
+            report.unpatched[module_name] = problem
+            continue
+        if not hasattr(module, PATCH_ATTR):
+            # peft's forward as the instance had it: the class's, or an instance forward someone set before us
+            state = {"own_forward": module.__dict__.get("forward"), "peft_forward": module.forward}
+            object.__setattr__(module, PATCH_ATTR, state)
+            module.forward = types.MethodType(_patched_forward, module)
+        report.patched[module_name] = _adapter_kinds(module)
+    return report
+
+
+def unpatch_peft_model(model: nn.Module) -> list[str]:
+    """Give every layer ``patch_peft_model`` patched its peft forward back (the same function object); returns the
+    names of the layers restored."""
+    restored = []
+    for module_name, module in model.named_modules():
+        state = module.__dict__.get(PATCH_ATTR)
+        if state is None:
+            continue
+        del module.forward
+        if state["own_forward"] is not None:
+            module.forward = state["own_forward"]
+        object.__delattr__(module, PATCH_ATTR)
+        restored.append(module_name)
+    return restored
+
+
+def is_patched(module: nn.Module) -> bool:
+    """Whether ``patch_peft_model`` patched this peft layer."""
+    return PATCH_ATTR in module.__dict__

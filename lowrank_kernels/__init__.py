@@ -9,6 +9,7 @@ the adapter pool) -> ``training`` (DyLoRA, AdaLoRA) and ``models`` (peft's targe
 from .backend import BackendUnavailableError, available_backends, use_backend
 from .models.inject import adapter_layers, find_target_modules, inject_adapters, inject_multi_lora, remove_adapters
 from .models.peft_compat import load_peft_adapter, load_peft_adapters_for_serving, save_peft_adapter
+from .models.peft_patch import patch_peft_model, unpatch_peft_model
 from .modules.adalora import AdaLoRALinear
 from .modules.dora import DoRALinear
 from .modules.lora import LoRALinear
@@ -47,9 +48,11 @@ __all__ = [
     "lora_linear",
     "multi_lora_linear",
     "orth_reg",
+    "patch_peft_model",
     "remove_adapters",
     "save_peft_adapter",
     "serve_batch",
     "set_model_rank",
+    "unpatch_peft_model",
     "use_backend",
 ]

@@ -59,6 +59,7 @@ def multi_lora_fwd(
     """
     if x.shape[0] == 0 or not has_adapter:
         return F.linear(x, weight, bias)
+    bias = None if bias is None else bias.contiguous()  # 1-D vectors reach the kernels contiguous
     args = (x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, row_rank, row_scale, sorted_rows,
             tiles, block_m)  # fmt: skip
     impl = implementation(backend.choose("multi_lora_fwd", x.device, (x, weight, bias, lora_A, lora_B)))

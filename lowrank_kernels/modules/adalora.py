@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.lora.op import dropout_mask, lora_linear
+from .lora import linear_layout
 from .merge import DeltaMerge
 
 __all__ = ["AdaLoRALinear"]
@@ -121,8 +122,7 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float = 8.0, dropout: float = 0.0) -> AdaLoRALinear:
         """Wrap ``linear``'s weight and bias (shared, not copied) and freeze them. Defaults are peft's
         (``AdaLoraConfig``: ``lora_alpha=8``, ``lora_dropout=0.0``); ``r`` is peft's ``init_r`` (default 12 there)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        linear_layout(linear)  # an nn.Linear or a transformers Conv1D (weight [in, out], read transposed)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init(linear, r, alpha, dropout)
@@ -135,7 +135,7 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
             raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
         if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_layout(linear)
         self.r, self.lora_alpha, self.lora_dropout = r, float(alpha), float(dropout)
         self.scaling = float(alpha) if alpha > 0 else float(r)  # peft: lora_alpha if lora_alpha > 0 else float(r)
         self.weight = linear.weight
@@ -259,7 +259,7 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.base_weight, self.bias)
         dtype = x.dtype
         dropout = self.lora_dropout if self.training else 0.0
         A, B, E = self.lora_A, self.lora_B, self.lora_E.view(-1)
@@ -271,11 +271,11 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
         if side and dropout > 0.0:  # drawn here so the masked-lambda backward rebuilds lora_linear's dropout mask
             seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
         if self._active_rank == 0:  # every triplet masked: the adapter term is zero
-            y = nn.functional.linear(x, self.weight, self.bias)
+            y = nn.functional.linear(x, self.base_weight, self.bias)
         else:
             y = lora_linear(
                 x,
-                self.weight,
+                self.base_weight,
                 self.bias,
                 A.to(dtype),
                 B.to(dtype),
@@ -294,15 +294,21 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
 
     # ---- merge ------------------------------------------------------------------------------------------------
 
+    @property
+    def base_weight(self) -> Tensor:
+        """W0 as [out, in]: ``weight`` itself, or a transposed view of a Conv1D's [in, out] weight."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def delta_weight(self) -> Tensor:
-        """``s' * P (Q * (lambda * keep))`` [out, in] in float32 (float64 for a float64 layer): peft's
-        ``get_delta_weight`` over the kept triplets."""
+        """``s' * P (Q * (lambda * keep))`` in float32 (float64 for a float64 layer), in ``weight``'s layout ([out,
+        in], or [in, out] for a Conv1D base): peft's ``get_delta_weight`` over the kept triplets."""
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         with torch.no_grad():
             lam = self.lora_E.to(dtype)
             if self.triplet_keep is not None:
                 lam = lam * self.triplet_keep.view(-1, 1)
-            return self.scale * (self.lora_B.to(dtype) @ (self.lora_A.to(dtype) * lam))
+            delta = self.scale * (self.lora_B.to(dtype) @ (self.lora_A.to(dtype) * lam))
+            return delta.t() if self.fan_in_fan_out else delta
 
     def extra_repr(self) -> str:
         return (

@@ -57,7 +57,7 @@ class DoRALinear(LoRALinear):
 
     def _init(self, linear: nn.Linear, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         super()._init(linear, r, alpha, dropout, rslora)  # its reset_lora_parameters() runs before m exists
-        self.register_buffer("weight_norm_sq", weight_norm_sq(self.weight), persistent=False)
+        self.register_buffer("weight_norm_sq", weight_norm_sq(self.base_weight), persistent=False)
         self._weight_norm_sq_key = _identity(self.weight)
         self._norm_cache: tuple[tuple | None, Tensor] | None = None
         self._merge_scale: Tensor | None = None  # g at merge time: unmerge divides by it
@@ -82,14 +82,14 @@ class DoRALinear(LoRALinear):
         """The ``||W0_n||^2`` buffer, recomputed if W0 changed (load_state_dict, merge, a move or cast)."""
         key = _identity(self.weight)
         if not _same(key, self._weight_norm_sq_key):
-            self.weight_norm_sq = weight_norm_sq(self.weight)
+            self.weight_norm_sq = weight_norm_sq(self.base_weight)
             self._weight_norm_sq_key = key
         return self.weight_norm_sq
 
     def _weight_norm(self, dtype: torch.dtype) -> Tensor:
         """The detached row norm at the active rank with A and B cast to ``dtype`` (as forward uses them)."""
         A, B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
-        return dora_weight_norm(self.weight, A, B, scale=self.scaling, rank=self._active_rank,
+        return dora_weight_norm(self.base_weight, A, B, scale=self.scaling, rank=self._active_rank,
                                 weight_norm_sq=self._current_weight_norm_sq())  # fmt: skip
 
     def _cached_weight_norm(self, dtype: torch.dtype) -> Tensor:
@@ -115,7 +115,7 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.base_weight, self.bias)
         dtype = x.dtype
         weight_norm = None  # computed by the op: always under torch.compile (the caches are Python state)
         if not torch.compiler.is_compiling():
@@ -123,7 +123,7 @@ class DoRALinear(LoRALinear):
             weight_norm = self._cached_weight_norm(dtype) if inference else self._weight_norm(dtype)
         return dora_linear(
             x,
-            self.weight,
+            self.base_weight,
             self.bias,
             self.lora_A.weight.to(dtype),
             self.lora_B.weight.to(dtype),
@@ -147,17 +147,17 @@ class DoRALinear(LoRALinear):
         """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged")
-        delta = self.delta_weight()
+        delta, weight = self.delta_rows(), self.base_weight  # [out, in] (a view of a Conv1D's [in, out] weight)
         if not torch.isfinite(delta).all():
             raise ValueError("refusing to merge: the adapter's delta weight has NaN or Inf entries")
-        merged = self.weight.to(delta.dtype) + delta
+        merged = weight.to(delta.dtype) + delta
         g = self.lora_magnitude_vector.to(delta.dtype) / torch.linalg.vector_norm(merged, dim=1)
         if not torch.isfinite(g).all():
             raise ValueError("refusing to merge: the magnitude scale m / ||W0 + s B A|| has NaN or Inf entries")
         if self.weight.dtype not in (torch.float32, torch.float64) or not bool((g != 0).all()):
             self._weight_before_merge = self.weight.detach().clone()
         self._merge_scale = g
-        self.weight.copy_((g[:, None] * merged).to(self.weight.dtype))
+        weight.copy_((g[:, None] * merged).to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -169,7 +169,7 @@ class DoRALinear(LoRALinear):
             self.weight.copy_(self._weight_before_merge)
             self._weight_before_merge = None
         else:
-            delta = self.delta_weight()
-            self.weight.copy_((self.weight.to(delta.dtype) / self._merge_scale[:, None] - delta).to(self.weight.dtype))
+            delta, weight = self.delta_rows(), self.base_weight
+            weight.copy_((weight.to(delta.dtype) / self._merge_scale[:, None] - delta).to(weight.dtype))
         self._merge_scale = None
         self.merged = False

@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor, nn
 
 from ..ops.lora.op import lora_linear
 from .merge import DeltaMerge
+
+
+def linear_layout(layer: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, fan_in_fan_out)`` of a base layer an adapter can wrap: an ``nn.Linear`` (weight
+    [out, in]) or a transformers ``Conv1D`` (GPT-2 style, weight [in, out]: peft's ``fan_in_fan_out=True``), whose
+    ``forward`` is the class's own (a subclass that computes something else is refused). TypeError otherwise."""
+    if isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
+        return layer.in_features, layer.out_features, False
+    if is_conv1d(layer):
+        in_features, out_features = layer.weight.shape
+        return in_features, out_features, True
+    if isinstance(layer, nn.Linear):
+        raise TypeError(
+            f"{type(layer).__name__} is an nn.Linear subclass with its own forward; an adapter layer would skip "
+            "that forward (e.g. a quantising one), so only nn.Linear itself is wrapped"
+        )
+    raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got {type(layer).__name__}")
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """A transformers ``pytorch_utils.Conv1D`` with its own forward (transformers is imported only if loaded)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return False
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D) and type(layer).forward is Conv1D.forward
 
 
 class LoRALinear(DeltaMerge, nn.Module):
@@ -19,6 +47,9 @@ class LoRALinear(DeltaMerge, nn.Module):
     ``lora_B.weight`` [out, r]) so state dicts interoperate. The scale at active rank ``b`` is ``alpha / b``
     (``alpha / sqrt(b)`` with rsLoRA): LoRA's ``alpha / r`` at full rank, DyLoRA's Eq. 7 when truncated.
     Adapters kept in float32 on a low-precision base (peft's default) are cast to the input's dtype per call.
+
+    A transformers ``Conv1D`` base (GPT-2; peft's ``fan_in_fan_out``) keeps its ``weight`` Parameter [in, out] as
+    it is (same object, same state-dict key); the op reads it transposed (``base_weight``, a view, never a copy).
     """
 
     def __init__(
@@ -41,9 +72,9 @@ class LoRALinear(DeltaMerge, nn.Module):
     def from_linear(
         cls, linear: nn.Linear, r: int, alpha: float = 8.0, dropout: float = 0.0, rslora: bool = False
     ) -> LoRALinear:
-        """Wrap ``linear``'s weight and bias (shared, not copied) and freeze them."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        """Wrap ``linear``'s weight and bias (shared, not copied) and freeze them; ``linear``: an ``nn.Linear`` or a
+        transformers ``Conv1D``."""
+        linear_layout(linear)  # TypeError before anything is built
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init(linear, r, alpha, dropout, rslora)
@@ -54,7 +85,7 @@ class LoRALinear(DeltaMerge, nn.Module):
             raise ValueError(f"r must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_layout(linear)
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, float(alpha), float(dropout), bool(rslora)
         self.weight = linear.weight
         self.bias = linear.bias
@@ -94,6 +125,11 @@ class LoRALinear(DeltaMerge, nn.Module):
         self._active_rank, self._frozen = b, bool(frozen)
 
     @property
+    def base_weight(self) -> Tensor:
+        """W0 as [out, in]: ``weight`` itself, or a transposed view of a Conv1D's [in, out] weight."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    @property
     def scaling(self) -> float:
         b = self._active_rank
         return self.lora_alpha / (math.sqrt(b) if self.use_rslora else b)
@@ -102,11 +138,11 @@ class LoRALinear(DeltaMerge, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.base_weight, self.bias)
         dtype = x.dtype
         return lora_linear(
             x,
-            self.weight,
+            self.base_weight,
             self.bias,
             self.lora_A.weight.to(dtype),
             self.lora_B.weight.to(dtype),
@@ -118,15 +154,21 @@ class LoRALinear(DeltaMerge, nn.Module):
 
     # ---- merge ------------------------------------------------------------------------------------------------
 
-    def delta_weight(self) -> Tensor:
+    def delta_rows(self) -> Tensor:
         """``scale * B[:, :b] A[:b]`` in float32 (float64 for a float64 layer), [out, in]."""
         b, dtype = self._active_rank, torch.promote_types(self.weight.dtype, torch.float32)
         with torch.no_grad():
             return self.scaling * (self.lora_B.weight[:, :b].to(dtype) @ self.lora_A.weight[:b].to(dtype))
+
+    def delta_weight(self) -> Tensor:
+        """``delta_rows()`` in ``weight``'s own layout ([in, out] for a Conv1D base), as peft's ``get_delta_weight``."""
+        delta = self.delta_rows()
+        return delta.t() if self.fan_in_fan_out else delta
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, active_rank={self._active_rank}, alpha={self.lora_alpha}, dropout={self.lora_dropout}, "
             f"rslora={self.use_rslora}, frozen={self._frozen}, merged={self.merged}"
+            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )

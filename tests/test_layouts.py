@@ -163,8 +163,8 @@ def test_multi_lora_linear_any_layout(arg, layout, backend):
     K, N = 24, 16
     linear = torch.nn.Linear(K, N, dtype=torch.float32).to(DEVICE)
     pool = AdapterPool.for_linear(linear, 3, 4)
-    adapters = [AdapterWeights(torch.randn(4, K) / 5, torch.randn(N, 4) / 2, 8.0),
-                AdapterWeights(torch.randn(2, K) / 5, torch.randn(N, 2) / 2, 4.0, magnitude=torch.rand(N) + 0.5)]  # fmt: skip
+    dora = AdapterWeights(torch.randn(2, K) / 5, torch.randn(N, 2) / 2, 4.0, magnitude=torch.rand(N) + 0.5)
+    adapters = [AdapterWeights(torch.randn(4, K) / 5, torch.randn(N, 4) / 2, 8.0), dora]
     for i, ad in enumerate(adapters):
         pool.add(f"a{i}", ad.lora_A.to(DEVICE), ad.lora_B.to(DEVICE), ad.alpha,
                  magnitude=None if ad.magnitude is None else ad.magnitude.to(DEVICE))  # fmt: skip

@@ -1,5 +1,5 @@
 // pybind11 module lowrank_kernels._C: the host entry points of ops.h, keyword arguments named as there.
-// Called only by lowrank_kernels/kernels/cuda_ext.py, which checks shapes, dtypes and devices first.
+// Called only through lowrank_kernels/_cuda_ext.py, whose wrappers check shapes, dtypes and devices first.
 #include <pybind11/pybind11.h>
 
 #include "ops.h"
@@ -29,11 +29,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("dora_dropout_output", &lowrank::dora_dropout_output, "out = base + g z - dz_scale dz", "dtype"_a, "M"_a,
         "N"_a, "base"_a, "base_s0"_a, "base_s1"_a, "z"_a, "z_s0"_a, "z_s1"_a, "dz"_a, "dz_s0"_a, "dz_s1"_a,
         "dz_scale"_a, "g"_a, "out"_a, "out_s0"_a, "out_s1"_a, "stream"_a);
-  m.def("col_dot", &lowrank::col_dot, "out[n] = sum_m P[m, n] (Q[m, n] - shift[n])", "dtype"_a, "M"_a, "N"_a, "p"_a,
-        "p_s0"_a, "p_s1"_a, "q"_a, "q_s0"_a, "q_s1"_a, "shift"_a, "out"_a, "stream"_a);
-  m.def("dora_norm_finish", &lowrank::dora_norm_finish, "DoRA row norm from W0 (or ||W0_n||^2), B and C", "dtype"_a,
-        "N"_a, "K"_a, "rank"_a, "w"_a, "w_s0"_a, "w_s1"_a, "w0sq"_a, "b"_a, "b_s0"_a, "b_s1"_a, "c"_a, "c_s0"_a,
-        "c_s1"_a, "out"_a, "stream"_a);
+  m.def("col_dot", &lowrank::col_dot, "out[n] = sum_m P[m, n] Q[m, n]", "dtype"_a, "M"_a, "N"_a, "p"_a, "p_s0"_a,
+        "p_s1"_a, "q"_a, "q_s0"_a, "q_s1"_a, "out"_a, "stream"_a);
+  m.def("dora_norm_finish", &lowrank::dora_norm_finish, "DoRA's squared row norm and its cancellation reference",
+        "dtype"_a, "N"_a, "K"_a, "rank"_a, "w"_a, "w_s0"_a, "w_s1"_a, "w0sq"_a, "b"_a, "b_s0"_a, "b_s1"_a, "c"_a,
+        "c_s0"_a, "c_s1"_a, "q"_a, "q_s0"_a, "q_s1"_a, "norm_sq"_a, "reference_sq"_a, "stream"_a);
   m.def("multi_lora_shrink", &lowrank::multi_lora_shrink, "per-row gather shrink", "dtype"_a, "M"_a, "K"_a,
         "capacity"_a, "max_rank"_a, "x"_a, "x_s0"_a, "x_s1"_a, "a"_a, "a_s0"_a, "a_s1"_a, "a_s2"_a, "row_slot"_a,
         "row_rank"_a, "row_scale"_a, "t"_a, "t_s0"_a, "t_s1"_a, "stream"_a);

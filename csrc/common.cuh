@@ -35,7 +35,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// ---- dropout: murmur3's finaliser over (seed, row * cols + col), bit-identical to reference.lora.dropout_mask -----
+// ---- dropout: murmur3's finaliser over (seed, row * cols + col), bit-identical to ops/lora/naive.dropout_mask -----
 
 __host__ __device__ __forceinline__ uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
@@ -102,6 +102,12 @@ inline const char* dtype_name(int code) {
     default:
       return "unknown";
   }
+}
+
+// A dtype code the kernels take; entry points check it before any early return (size 0), so CPU tests see it.
+inline void check_dtype(int code, const char* entry) {
+  require(code == kFloat32 || code == kFloat16 || code == kBFloat16,
+          std::string(entry) + ": unsupported dtype code " + std::to_string(code) + " (0 float32, 1 float16, 2 bfloat16)");
 }
 
 // Calls f(T{}) for the element type of dtype code `code` (float32 / float16 / bfloat16).

@@ -1,5 +1,5 @@
-// Small memory-bound kernels around the GEMM: the dropout mask and its elementwise uses, column dot products (dv,
-// DoRA's dm), DoRA's row-norm finish and its dropout-form output. One thread per element (grid-stride) unless said.
+// Small memory-bound kernels around the GEMM: the dropout mask and its elementwise uses, column dot products
+// (DoRA's dm), DoRA's row-norm finish and its dropout-form output. One thread per element (grid-stride) unless said.
 #include "common.cuh"
 
 namespace lowrank {
@@ -58,14 +58,13 @@ constexpr int CD_COLS = 32, CD_ROWS = 8;
 
 template <typename T>
 __global__ void col_dot_kernel(int64_t M, int64_t N, const T* p, int64_t p_s0, int64_t p_s1, const T* q,
-                               int64_t q_s0, int64_t q_s1, const float* shift, float* out) {
+                               int64_t q_s0, int64_t q_s1, float* out) {
   __shared__ float partial[CD_ROWS][CD_COLS + 1];
   const int64_t n = static_cast<int64_t>(blockIdx.x) * CD_COLS + threadIdx.x;
   float acc = 0.0f;
   if (n < N) {
-    const float sh = shift != nullptr ? shift[n] : 0.0f;
     for (int64_t m = threadIdx.y; m < M; m += CD_ROWS) {
-      acc = fmaf(to_float(p[m * p_s0 + n * p_s1]), to_float(q[m * q_s0 + n * q_s1]) - sh, acc);
+      acc = fmaf(to_float(p[m * p_s0 + n * p_s1]), to_float(q[m * q_s0 + n * q_s1]), acc);
     }
   }
   partial[threadIdx.y][threadIdx.x] = acc;
@@ -78,11 +77,12 @@ __global__ void col_dot_kernel(int64_t M, int64_t N, const T* p, int64_t p_s0, i
   }
 }
 
-// One warp per row n.
+// One warp per row n: DoRA's squared row norm from its factored parts, and the sum it is judged against.
 template <typename T>
 __global__ void dora_norm_finish_kernel(int64_t N, int64_t K, int64_t rank, const T* w, int64_t w_s0, int64_t w_s1,
                                         const float* w0sq, const T* b, int64_t b_s0, int64_t b_s1, const float* c,
-                                        int64_t c_s0, int64_t c_s1, float* out) {
+                                        int64_t c_s0, int64_t c_s1, const float* q, int64_t q_s0, int64_t q_s1,
+                                        float* norm_sq, float* reference_sq) {
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (n >= N) return;  // uniform across the warp: every lane of a warp has the same n
@@ -93,14 +93,19 @@ __global__ void dora_norm_finish_kernel(int64_t N, int64_t K, int64_t rank, cons
       sq = fmaf(v, v, sq);
     }
   }
-  float cross = 0.0f;  // B_n . (2s U_n + s^2 (B G)_n)
-  for (int64_t r = lane; r < rank; r += 32) cross = fmaf(to_float(b[n * b_s0 + r * b_s1]), c[n * c_s0 + r * c_s1], cross);
+  float cross = 0.0f, quad = 0.0f;  // B_n . C_n and B_n . Q_n
+  for (int64_t r = lane; r < rank; r += 32) {
+    const float bv = to_float(b[n * b_s0 + r * b_s1]);
+    cross = fmaf(bv, c[n * c_s0 + r * c_s1], cross);
+    quad = fmaf(bv, q[n * q_s0 + r * q_s1], quad);
+  }
   sq = warp_sum(sq);
   cross = warp_sum(cross);
+  quad = warp_sum(quad);
   if (lane == 0) {
-    const float total = (w0sq != nullptr ? w0sq[n] : sq) + cross;
-    // IEEE sqrt, clamped against cancellation: with B = 0 the norm is sqrt(||W0_n||^2) exactly.
-    out[n] = __fsqrt_rn(fmaxf(total, 0.0f));
+    const float w0 = w0sq != nullptr ? w0sq[n] : sq;
+    norm_sq[n] = w0 + cross;  // unclamped: the caller judges cancellation, then takes the root
+    reference_sq[n] = w0 + quad;
   }
 }
 
@@ -119,6 +124,7 @@ void dropout_combine(int dtype, int64_t M, int64_t K, uintptr_t base, int64_t ba
                      uintptr_t src, int64_t src_s0, int64_t src_s1, uintptr_t out, int64_t out_s0, int64_t out_s1,
                      bool scale_kept, uint32_t seed, double p, uintptr_t stream) {
   require(M >= 0 && K >= 0 && p >= 0.0 && p < 1.0, "dropout_combine: need M, K >= 0 and 0 <= p < 1");
+  check_dtype(dtype, "dropout_combine");
   if (M == 0 || K == 0) return;
   const Dropout d = make_dropout(seed, p, K);
   const float factor = scale_kept ? d.inv_keep : 1.0f;
@@ -136,6 +142,7 @@ void dora_dropout_output(int dtype, int64_t M, int64_t N, uintptr_t base, int64_
                          double dz_scale, uintptr_t g, uintptr_t out, int64_t out_s0, int64_t out_s1,
                          uintptr_t stream) {
   require(M >= 0 && N >= 0, "dora_dropout_output: negative size");
+  check_dtype(dtype, "dora_dropout_output");
   if (M == 0 || N == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -148,26 +155,29 @@ void dora_dropout_output(int dtype, int64_t M, int64_t N, uintptr_t base, int64_
 }
 
 void col_dot(int dtype, int64_t M, int64_t N, uintptr_t p, int64_t p_s0, int64_t p_s1, uintptr_t q, int64_t q_s0,
-             int64_t q_s1, uintptr_t shift, uintptr_t out, uintptr_t stream) {
+             int64_t q_s1, uintptr_t out, uintptr_t stream) {
   require(M >= 0 && N >= 0, "col_dot: negative size");
   require(cdiv(N, CD_COLS) <= 2147483647LL, "col_dot: N too large");
+  check_dtype(dtype, "col_dot");
   if (N == 0) return;
   const dim3 block(CD_COLS, CD_ROWS);
   const unsigned blocks = static_cast<unsigned>(cdiv(N, CD_COLS));
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    col_dot_kernel<T><<<blocks, block, 0, as_stream(stream)>>>(
-        M, N, reinterpret_cast<const T*>(p), p_s0, p_s1, reinterpret_cast<const T*>(q), q_s0, q_s1,
-        reinterpret_cast<const float*>(shift), reinterpret_cast<float*>(out));
+    col_dot_kernel<T><<<blocks, block, 0, as_stream(stream)>>>(M, N, reinterpret_cast<const T*>(p), p_s0, p_s1,
+                                                               reinterpret_cast<const T*>(q), q_s0, q_s1,
+                                                               reinterpret_cast<float*>(out));
   });
   check_launch("col_dot_kernel");
 }
 
 void dora_norm_finish(int dtype, int64_t N, int64_t K, int64_t rank, uintptr_t w, int64_t w_s0, int64_t w_s1,
                       uintptr_t w0sq, uintptr_t b, int64_t b_s0, int64_t b_s1, uintptr_t c, int64_t c_s0,
-                      int64_t c_s1, uintptr_t out, uintptr_t stream) {
+                      int64_t c_s1, uintptr_t q, int64_t q_s0, int64_t q_s1, uintptr_t norm_sq,
+                      uintptr_t reference_sq, uintptr_t stream) {
   require(N >= 0 && K >= 0 && rank >= 0, "dora_norm_finish: negative size");
   require(cdiv(N * 32, EW_THREADS) <= 2147483647LL, "dora_norm_finish: N too large");
+  check_dtype(dtype, "dora_norm_finish");
   if (N == 0) return;
   const unsigned blocks = static_cast<unsigned>(cdiv(N * 32, EW_THREADS));  // 8 rows (warps) per block
   dispatch_dtype(dtype, [&](auto tag) {
@@ -175,7 +185,8 @@ void dora_norm_finish(int dtype, int64_t N, int64_t K, int64_t rank, uintptr_t w
     dora_norm_finish_kernel<T><<<blocks, EW_THREADS, 0, as_stream(stream)>>>(
         N, K, rank, reinterpret_cast<const T*>(w), w_s0, w_s1, reinterpret_cast<const float*>(w0sq),
         reinterpret_cast<const T*>(b), b_s0, b_s1, reinterpret_cast<const float*>(c), c_s0, c_s1,
-        reinterpret_cast<float*>(out));
+        reinterpret_cast<const float*>(q), q_s0, q_s1, reinterpret_cast<float*>(norm_sq),
+        reinterpret_cast<float*>(reference_sq));
   });
   check_launch("dora_norm_finish_kernel");
 }

@@ -141,16 +141,35 @@ void launch_gemm(const GemmArgs& args, cudaStream_t stream) {
   check_launch("gemm_kernel");
 }
 
-// The operand-type patterns the ops use (see ops.h); a wider table would only multiply compile time.
+using Launcher = void (*)(const GemmArgs&, cudaStream_t);
+
+// The operand-type patterns the primitives use (ops/*/cuda.py); a wider table would only multiply compile time.
 template <typename T>
-void launch_gemm_for(bool a32, bool b32, bool c32, const GemmArgs& args, cudaStream_t stream) {
-  if (!a32 && !b32 && c32) return launch_gemm<T, T, float>(args, stream);      // shrink, W0 A^T, A A^T
-  if (a32 && !b32 && !c32) return launch_gemm<float, T, T>(args, stream);      // expand, dx, dA
-  if (!a32 && b32 && !c32) return launch_gemm<T, float, T>(args, stream);      // dB
-  if (!a32 && b32 && c32) return launch_gemm<T, float, float>(args, stream);  // DoRA's B G
-  throw std::invalid_argument("lowrank_kernels._C.gemm: unsupported operand dtypes (a, b, c) = (" +
-                              std::string(a32 ? "float32" : "T") + ", " + (b32 ? "float32" : "T") + ", " +
-                              (c32 ? "float32" : "T") + ")");
+Launcher launcher_for(bool a32, bool b32, bool c32) {
+  if (!a32 && !b32 && c32) return launch_gemm<T, T, float>;      // shrink, W0 A^T, A A^T
+  if (a32 && !b32 && !c32) return launch_gemm<float, T, T>;      // the low-rank epilogue: expand, dx
+  if (a32 && !b32 && c32) return launch_gemm<float, T, float>;   // weight gradients t^T drop(x), xa^T dy
+  if (!a32 && b32 && c32) return launch_gemm<T, float, float>;   // DoRA's B G
+  return nullptr;
+}
+
+// The kernel for these operand dtypes, or invalid_argument: decided before any size check returns early, so a bad
+// pattern fails on a machine without a GPU too (tests call the bindings with size 0).
+Launcher select_launcher(int a_dtype, int b_dtype, int c_dtype) {
+  int t = kFloat32;  // the one 16-bit type among the operands (float32 when there is none)
+  for (int d : {a_dtype, b_dtype, c_dtype}) {
+    require(d == kFloat32 || d == kFloat16 || d == kBFloat16, std::string("gemm: bad dtype code ") + std::to_string(d));
+    if (d == kFloat32) continue;
+    require(t == kFloat32 || t == d, std::string("gemm: operands mix ") + dtype_name(t) + " and " + dtype_name(d));
+    t = d;
+  }
+  const bool a32 = a_dtype == kFloat32, b32 = b_dtype == kFloat32, c32 = c_dtype == kFloat32;
+  Launcher launcher = launch_gemm<float, float, float>;
+  if (t == kFloat16) launcher = launcher_for<__half>(a32, b32, c32);
+  if (t == kBFloat16) launcher = launcher_for<__nv_bfloat16>(a32, b32, c32);
+  require(launcher != nullptr, std::string("gemm: unsupported operand dtypes (a, b, c) = (") + dtype_name(a_dtype) +
+                                   ", " + dtype_name(b_dtype) + ", " + dtype_name(c_dtype) + ")");
+  return launcher;
 }
 
 }  // namespace
@@ -166,6 +185,7 @@ void gemm(int64_t M, int64_t N, int64_t K, uintptr_t a, int a_dtype, int64_t a_s
   require(beta == 0.0 || cin != 0, "gemm: beta != 0 needs cin");
   require(cdiv(N, BN) <= 65535, "gemm: N too large for the grid (N <= 4194240)");
   require(cdiv(M, BM) <= 2147483647LL, "gemm: M too large for the grid");
+  const Launcher launch = select_launcher(a_dtype, b_dtype, c_dtype);
   if (M == 0 || N == 0) return;
   require(c != 0 && (K == 0 || (a != 0 && b != 0)), "gemm: null operand");
 
@@ -183,20 +203,7 @@ void gemm(int64_t M, int64_t N, int64_t K, uintptr_t a, int a_dtype, int64_t a_s
   args.bias = reinterpret_cast<const float*>(bias);
   args.mask_on = mask_on;
   args.drop = make_dropout(seed, mask_on == kMaskNone ? 0.0 : p, mask_on == kMaskNone ? 1 : mask_cols);
-
-  // T: the one 16-bit type among the operands (float32 when there is none).
-  int t = kFloat32;
-  for (int d : {a_dtype, b_dtype, c_dtype}) {
-    require(d == kFloat32 || d == kFloat16 || d == kBFloat16, std::string("gemm: bad dtype code ") + std::to_string(d));
-    if (d == kFloat32) continue;
-    require(t == kFloat32 || t == d, std::string("gemm: operands mix ") + dtype_name(t) + " and " + dtype_name(d));
-    t = d;
-  }
-  const bool a32 = a_dtype == kFloat32, b32 = b_dtype == kFloat32, c32 = c_dtype == kFloat32;
-  const cudaStream_t s = as_stream(stream);
-  if (t == kFloat32) return launch_gemm<float, float, float>(args, s);
-  if (t == kFloat16) return launch_gemm_for<__half>(a32, b32, c32, args, s);
-  return launch_gemm_for<__nv_bfloat16>(a32, b32, c32, args, s);
+  launch(args, as_stream(stream));
 }
 
 }  // namespace lowrank

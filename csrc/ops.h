@@ -17,8 +17,8 @@ enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum MaskOn : int { kMaskNone = 0, kMaskA = 1, kMaskB = 2, kMaskC = 3 };
 
 // C[m, n] = epilogue(sum_k opA[m, k] * k_scale[k] * opB[k, n]), fp32 accumulation; see gemm.cu for the epilogue.
-// Operand dtypes: with T one of float16/bfloat16, (a, b, c) must be (T, T, f32), (f32, T, T), (T, f32, T) or
-// (T, f32, f32); all float32 is always allowed. `cin` (the beta term's input, may alias c) has c's dtype.
+// Operand dtypes: with T one of float16/bfloat16, (a, b, c) must be (T, T, f32), (f32, T, T), (f32, T, f32) or
+// (T, f32, f32); all float32 is always allowed. Every argument is checked before a size-0 call returns. `cin` (the beta term's input, may alias c) has c's dtype.
 void gemm(int64_t M, int64_t N, int64_t K,                                         //
           uintptr_t a, int a_dtype, int64_t a_s0, int64_t a_s1,                    //
           uintptr_t b, int b_dtype, int64_t b_s0, int64_t b_s1,                    //
@@ -43,15 +43,17 @@ void dora_dropout_output(int dtype, int64_t M, int64_t N, uintptr_t base, int64_
                          double dz_scale, uintptr_t g, uintptr_t out, int64_t out_s0, int64_t out_s1,
                          uintptr_t stream);
 
-// out [N] float32 = sum_m P[m, n] * (Q[m, n] - shift[n]) (shift optional); P and Q of `dtype`. Deterministic.
+// out [N] float32 = sum_m P[m, n] * Q[m, n]; P and Q of `dtype`. Deterministic (no atomics).
 void col_dot(int dtype, int64_t M, int64_t N, uintptr_t p, int64_t p_s0, int64_t p_s1, uintptr_t q, int64_t q_s0,
-             int64_t q_s1, uintptr_t shift, uintptr_t out, uintptr_t stream);
+             int64_t q_s1, uintptr_t out, uintptr_t stream);
 
-// DoRA's row norm from its factored parts: out[n] = sqrt(max(w0sq[n] + sum_r B[n, r] C[n, r], 0)), float32, where
-// C = 2s W0 A^T + s^2 B G (float32 [N, rank]) and w0sq = ||W0_n||^2 (float32 [N], or 0: summed here from W).
+// DoRA's squared row norm from its factored parts, float32 [N] each: norm_sq[n] = w0sq[n] + B_n . C_n and
+// reference_sq[n] = w0sq[n] + B_n . Q_n, where C = 2s W0 A^T + s^2 B G and Q = s^2 B G (float32 [N, rank]) and
+// w0sq = ||W0_n||^2 (float32 [N], or 0: summed here from W). The caller compares the two (cancellation).
 void dora_norm_finish(int dtype, int64_t N, int64_t K, int64_t rank, uintptr_t w, int64_t w_s0, int64_t w_s1,
                       uintptr_t w0sq, uintptr_t b, int64_t b_s0, int64_t b_s1, uintptr_t c, int64_t c_s0,
-                      int64_t c_s1, uintptr_t out, uintptr_t stream);
+                      int64_t c_s1, uintptr_t q, int64_t q_s0, int64_t q_s1, uintptr_t norm_sq,
+                      uintptr_t reference_sq, uintptr_t stream);
 
 // Multi-adapter gather (per row, BGMV-style): t[m, r] = row_scale[m] * x[m] . A[slot, r] for r < rank(m).
 // Rows whose slot is < 0 or >= capacity are skipped; ranks are clamped to [0, max_rank].

@@ -1,16 +1,19 @@
 """The CUDA C++ extension ``lowrank_kernels._C`` (built from ``csrc/``) as the ops' ``cuda.py`` files call it.
 
-One runtime (the extension on the tensors' device and current stream) and typed wrappers of its bindings: the one
-strided GEMM with its epilogue (``gemm``, ``csrc/gemm.cu``), the dropout mask and combine kernels, the column dot.
-Each wrapper checks what the extension would misread (shapes, dtypes, devices) and hands raw device pointers, int64
-strides and the stream over. The dense products ``x W0^T`` and ``dy W0`` stay with cuBLAS in the callers. The
-extension is imported on first use, never at import.
+One runtime (the extension on the tensors' device and its current stream) and one typed wrapper per binding: the
+strided GEMM with its epilogue (``gemm``, ``csrc/gemm.cu``), the dropout kernels, the column dot and DoRA's row-norm
+finish (``csrc/elementwise.cu``). A wrapper checks what the extension would misread (shapes, dtypes, devices),
+allocates nothing it does not return, and hands raw device pointers, int64 strides and the stream over, by keyword:
+the binding's argument names are those of ``csrc/ops.h``. Every launch goes through ``runtime(device)``, the one
+place a test replaces to record the calls on a machine without a GPU. The dense products ``x W0^T`` and ``dy W0``
+stay with cuBLAS in the callers. The extension is imported on first use, never at import.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -26,7 +29,7 @@ def extension():
 
 
 class Runtime:
-    """Where the launchers send their calls: the extension, on ``device`` and its current stream."""
+    """Where the wrappers send their calls: the extension, on ``device`` and its current stream."""
 
     def __init__(self, device: torch.device) -> None:
         if device.type != "cuda":
@@ -49,10 +52,11 @@ def runtime(device: torch.device) -> Runtime:
 
 
 def code(t: Tensor) -> int:
-    code = DTYPE_CODES.get(t.dtype)
-    if code is None:
+    """The extension's dtype code of ``t`` (TypeError for a dtype its kernels do not take)."""
+    dtype_code = DTYPE_CODES.get(t.dtype)
+    if dtype_code is None:
         raise TypeError(f"CUDA extension kernels take float16/bfloat16/float32, got {t.dtype}")
-    return code
+    return dtype_code
 
 
 def check_inputs(dtype: torch.dtype, device: torch.device, **tensors: Tensor | None) -> None:
@@ -68,11 +72,6 @@ def check_inputs(dtype: torch.dtype, device: torch.device, **tensors: Tensor | N
             raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
 
 
-def check_xa(xa: Tensor, M: int, R: int) -> None:
-    if xa.dtype != torch.float32 or tuple(xa.shape) != (M, R):
-        raise ValueError(f"xa must be the forward's float32 [{M}, {R}], got {tuple(xa.shape)} {xa.dtype}")
-
-
 def vector(t: Tensor | None, n: int, name: str) -> Tensor | None:
     """``t[:n]`` as a contiguous float32 vector (what the kernels read), None stays None."""
     if t is None:
@@ -83,24 +82,50 @@ def vector(t: Tensor | None, n: int, name: str) -> Tensor | None:
 
 
 def ptr(t: Tensor | None) -> int:
+    """The address the kernels read (0 for an absent optional argument)."""
     return 0 if t is None else t.data_ptr()
 
 
-def keep_factor(p: float) -> float:
-    """1 / (1 - p) in float32 arithmetic, as the reference's and the kernels' mask value."""
-    one = torch.ones((), dtype=torch.float32)
-    return (one / (one - torch.tensor(p, dtype=torch.float32))).item()
+def strides(t: Tensor | None) -> tuple[int, int]:
+    """A 2-D operand's (row, column) strides in elements; (0, 0) for an absent one."""
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
 
 
-def dropout_args(mask_on: int, p: float, seed: int, cols: int) -> dict:
-    """The gemm keyword arguments of x's dropout mask (none when p == 0)."""
-    if p == 0.0:
-        return {}
-    return dict(mask_on=mask_on, seed=int(seed) & 0xFFFFFFFF, p=float(p), mask_cols=cols)
+def check_device(device: torch.device, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"operand {name} is on {t.device}, expected {device}")
+
+
+def check_f32_vector(name: str, v: Tensor | None, n: int) -> None:
+    if v is not None and (v.dtype != torch.float32 or v.dim() != 1 or v.shape[0] != n or v.stride(0) != 1):
+        raise ValueError(f"{name} must be a contiguous float32 [{n}], got {tuple(v.shape)} {v.dtype}")
+
+
+@dataclass(frozen=True)
+class Mask:
+    """x's dropout mask, applied to one GEMM operand (``MASK_A``, ``MASK_B`` or ``MASK_C``) at that operand's
+    (row, column), hashed as ``row * cols + col``: ``cols`` is x's column count."""
+
+    operand: int
+    p: float
+    seed: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        if self.operand not in (MASK_A, MASK_B, MASK_C) or not (0.0 < self.p < 1.0 and self.cols > 0):
+            raise ValueError(f"a dropout mask needs an operand, 0 < p < 1 and cols > 0, got {self}")
+
+
+def dropout_on(operand: int, p: float, seed: int, *, cols: int) -> Mask | None:
+    """The mask of x on ``operand``, or None without dropout (p == 0)."""
+    return None if p == 0.0 else Mask(operand, float(p), int(seed) & 0xFFFFFFFF, cols)
+
+
+# ---- the bindings ----------------------------------------------------------------------------------------------
 
 
 def gemm(
-    rt: Runtime,
     a: Tensor,
     b: Tensor,
     c: Tensor,
@@ -113,15 +138,12 @@ def gemm(
     col_scale: Tensor | None = None,
     post_scale: Tensor | None = None,
     bias: Tensor | None = None,
-    mask_on: int = MASK_NONE,
-    seed: int = 0,
-    p: float = 0.0,
-    mask_cols: int = 0,
+    mask: Mask | None = None,
 ) -> None:
     """``c = epilogue(a @ b)`` on the extension's GEMM (csrc/gemm.cu): a [M, K], b [K, N], c [M, N], any strides.
 
     Optional float32 vectors: k_scale [K], row_scale [M], col_scale [N], post_scale [N], bias [N]; ``cin`` [M, N]
-    (c's dtype, may be c) enters as ``beta * cin``; ``mask_on`` names the operand carrying x's dropout mask.
+    (c's dtype, may be c itself) enters as ``beta * cin``; ``mask`` puts x's dropout mask on one operand.
     """
     M, K = a.shape
     K2, N = b.shape
@@ -133,63 +155,113 @@ def gemm(
         raise ValueError("gemm beta != 0 needs cin")
     for name, v, n in (("k_scale", k_scale, K), ("row_scale", row_scale, M), ("col_scale", col_scale, N),
                        ("post_scale", post_scale, N), ("bias", bias, N)):  # fmt: skip
-        if v is not None and (v.dtype != torch.float32 or v.dim() != 1 or v.shape[0] != n or v.stride(0) != 1):
-            raise ValueError(f"gemm {name} must be a contiguous float32 [{n}], got {tuple(v.shape)} {v.dtype}")
-    for name, t in (("a", a), ("b", b), ("c", c), ("cin", cin)):
-        if t is not None and t.device != rt.device:
-            raise ValueError(f"gemm operand {name} is on {t.device}, expected {rt.device}")
-    if mask_on != MASK_NONE and not (0.0 < p < 1.0 and mask_cols > 0):
-        raise ValueError(f"gemm dropout needs 0 < p < 1 and mask_cols > 0, got p={p}, mask_cols={mask_cols}")
-    rt(
+        check_f32_vector(f"gemm {name}", v, n)
+    check_device(c.device, a=a, b=b, cin=cin, k_scale=k_scale, row_scale=row_scale, col_scale=col_scale,
+                 post_scale=post_scale, bias=bias)  # fmt: skip
+    (a_s0, a_s1), (b_s0, b_s1), (c_s0, c_s1), (cin_s0, cin_s1) = strides(a), strides(b), strides(c), strides(cin)
+    runtime(c.device)(
         "gemm",
         M=M, N=N, K=K,
-        a=a.data_ptr(), a_dtype=code(a), a_s0=a.stride(0), a_s1=a.stride(1),
-        b=b.data_ptr(), b_dtype=code(b), b_s0=b.stride(0), b_s1=b.stride(1),
-        c=c.data_ptr(), c_dtype=code(c), c_s0=c.stride(0), c_s1=c.stride(1),
-        alpha=float(alpha), cin=ptr(cin), cin_s0=0 if cin is None else cin.stride(0),
-        cin_s1=0 if cin is None else cin.stride(1), beta=float(beta),
+        a=a.data_ptr(), a_dtype=code(a), a_s0=a_s0, a_s1=a_s1,
+        b=b.data_ptr(), b_dtype=code(b), b_s0=b_s0, b_s1=b_s1,
+        c=c.data_ptr(), c_dtype=code(c), c_s0=c_s0, c_s1=c_s1,
+        alpha=float(alpha), cin=ptr(cin), cin_s0=cin_s0, cin_s1=cin_s1, beta=float(beta),
         k_scale=ptr(k_scale), row_scale=ptr(row_scale), col_scale=ptr(col_scale), post_scale=ptr(post_scale),
-        bias=ptr(bias), mask_on=mask_on, seed=seed, p=p, mask_cols=mask_cols,
+        bias=ptr(bias),
+        mask_on=MASK_NONE if mask is None else mask.operand, seed=0 if mask is None else mask.seed,
+        p=0.0 if mask is None else mask.p, mask_cols=0 if mask is None else mask.cols,
     )  # fmt: skip
 
 
-def dropout_combine(rt: Runtime, base: Tensor | None, src: Tensor, out: Tensor, *, scale_kept: bool, p: float,
-                     seed: int) -> None:  # fmt: skip
-    """out = base + drop(src) elementwise, [M, K] of one dtype (base None: out = src with dropped entries zeroed,
-    scaled by 1/(1-p) only with ``scale_kept``)."""
+def dropout_combine(base: Tensor | None, src: Tensor, out: Tensor, *, scale_kept: bool, p: float, seed: int) -> None:
+    """``out = base + drop(src)`` elementwise, [M, K] of one dtype, the mask of an [M, K] x (base None:
+    ``out = src`` with its dropped entries zeroed, scaled by 1/(1-p) only with ``scale_kept``)."""
     M, K = src.shape
     for t in (base, out):
         if t is not None and (tuple(t.shape) != (M, K) or t.dtype != src.dtype):
             raise ValueError(f"dropout_combine operands must all be [{M}, {K}] {src.dtype}")
-    rt(
+    check_device(out.device, base=base, src=src)
+    (base_s0, base_s1), (src_s0, src_s1), (out_s0, out_s1) = strides(base), strides(src), strides(out)
+    runtime(out.device)(
         "dropout_combine",
         dtype=code(src), M=M, K=K,
-        base=ptr(base), base_s0=0 if base is None else base.stride(0), base_s1=0 if base is None else base.stride(1),
-        src=src.data_ptr(), src_s0=src.stride(0), src_s1=src.stride(1),
-        out=out.data_ptr(), out_s0=out.stride(0), out_s1=out.stride(1),
+        base=ptr(base), base_s0=base_s0, base_s1=base_s1,
+        src=src.data_ptr(), src_s0=src_s0, src_s1=src_s1,
+        out=out.data_ptr(), out_s0=out_s0, out_s1=out_s1,
         scale_kept=scale_kept, seed=int(seed) & 0xFFFFFFFF, p=float(p),
     )  # fmt: skip
 
 
-def col_dot(rt: Runtime, p: Tensor, q: Tensor, shift: Tensor | None = None) -> Tensor:
-    """[N] float32 = sum over rows of p * (q - shift); p, q: [M, N] of one dtype, shift: float32 [N] | None."""
+def dora_dropout_output(base: Tensor, z: Tensor, dz: Tensor, *, dz_scale: float, g: Tensor, out: Tensor) -> None:
+    """``out = base + g * z - dz_scale * dz`` elementwise (DoRA's dropout form): [M, N] of one dtype, g float32 [N];
+    ``out`` may be ``base``."""
+    M, N = base.shape
+    for name, t in (("z", z), ("dz", dz), ("out", out)):
+        if tuple(t.shape) != (M, N) or t.dtype != base.dtype:
+            raise ValueError(f"dora_dropout_output {name} must be [{M}, {N}] {base.dtype}, got {tuple(t.shape)}")
+    check_f32_vector("dora_dropout_output g", g, N)
+    check_device(out.device, base=base, z=z, dz=dz, g=g)
+    (base_s0, base_s1), (z_s0, z_s1), (dz_s0, dz_s1), (out_s0, out_s1) = (
+        strides(base),
+        strides(z),
+        strides(dz),
+        strides(out),
+    )
+    runtime(out.device)(
+        "dora_dropout_output",
+        dtype=code(base), M=M, N=N,
+        base=base.data_ptr(), base_s0=base_s0, base_s1=base_s1,
+        z=z.data_ptr(), z_s0=z_s0, z_s1=z_s1,
+        dz=dz.data_ptr(), dz_s0=dz_s0, dz_s1=dz_s1, dz_scale=float(dz_scale),
+        g=g.data_ptr(), out=out.data_ptr(), out_s0=out_s0, out_s1=out_s1,
+    )  # fmt: skip
+
+
+def col_dot(p: Tensor, q: Tensor) -> Tensor:
+    """[N] float32 = sum over rows of p * q; p, q: [M, N] of one dtype, any strides."""
     M, N = p.shape
     if tuple(q.shape) != (M, N) or q.dtype != p.dtype:
         raise ValueError(f"col_dot operands must match: {tuple(p.shape)} {p.dtype} vs {tuple(q.shape)} {q.dtype}")
-    if shift is not None and (shift.dtype != torch.float32 or tuple(shift.shape) != (N,) or shift.stride(0) != 1):
-        raise ValueError(f"col_dot shift must be a contiguous float32 [{N}]")
+    check_device(p.device, q=q)
     out = torch.empty(N, device=p.device, dtype=torch.float32)
-    rt("col_dot", dtype=code(p), M=M, N=N, p=p.data_ptr(), p_s0=p.stride(0), p_s1=p.stride(1), q=q.data_ptr(),
-       q_s0=q.stride(0), q_s1=q.stride(1), shift=ptr(shift), out=out.data_ptr())  # fmt: skip
+    (p_s0, p_s1), (q_s0, q_s1) = strides(p), strides(q)
+    runtime(p.device)("col_dot", dtype=code(p), M=M, N=N, p=p.data_ptr(), p_s0=p_s0, p_s1=p_s1, q=q.data_ptr(),
+                      q_s0=q_s0, q_s1=q_s1, out=out.data_ptr())  # fmt: skip
     return out
 
 
-def dropout_mask(seed: int, shape: tuple[int, int], p: float, device) -> Tensor:
-    """The mask (0 or 1/(1-p), float32 [M, K]) that these kernels apply for ``seed`` (for tests)."""
+def dora_norm_finish(weight: Tensor, w0sq: Tensor | None, b: Tensor, c: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """DoRA's squared row norm from its factored parts: ``(w0sq + B_n . C_n, w0sq + B_n . Q_n)``, float32 [N] each.
+
+    weight: W0 [N, K]; w0sq: float32 [N] ``||W0_n||^2`` | None (then summed from W0 in the same pass); b: B[:, :rank]
+    [N, rank] of W0's dtype; c = 2s W0 A^T + s^2 B G and q = s^2 B G: float32 [N, rank]."""
+    N, K = weight.shape
+    rank = b.shape[1]
+    if tuple(b.shape) != (N, rank) or b.dtype != weight.dtype:
+        raise ValueError(f"dora_norm_finish b must be [{N}, rank] {weight.dtype}, got {tuple(b.shape)} {b.dtype}")
+    for name, t in (("c", c), ("q", q)):
+        if tuple(t.shape) != (N, rank) or t.dtype != torch.float32:
+            raise ValueError(f"dora_norm_finish {name} must be float32 [{N}, {rank}], got {tuple(t.shape)} {t.dtype}")
+    check_f32_vector("dora_norm_finish w0sq", w0sq, N)
+    check_device(weight.device, w0sq=w0sq, b=b, c=c, q=q)
+    norm_sq = torch.empty(N, device=weight.device, dtype=torch.float32)
+    reference_sq = torch.empty(N, device=weight.device, dtype=torch.float32)
+    (w_s0, w_s1), (b_s0, b_s1), (c_s0, c_s1), (q_s0, q_s1) = strides(weight), strides(b), strides(c), strides(q)
+    runtime(weight.device)(
+        "dora_norm_finish",
+        dtype=code(weight), N=N, K=K, rank=rank,
+        w=weight.data_ptr(), w_s0=w_s0, w_s1=w_s1, w0sq=ptr(w0sq),
+        b=b.data_ptr(), b_s0=b_s0, b_s1=b_s1, c=c.data_ptr(), c_s0=c_s0, c_s1=c_s1, q=q.data_ptr(), q_s0=q_s0,
+        q_s1=q_s1, norm_sq=norm_sq.data_ptr(), reference_sq=reference_sq.data_ptr(),
+    )  # fmt: skip
+    return norm_sq, reference_sq
+
+
+def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device | str) -> Tensor:
+    """The mask (0 or 1/(1-p), float32 [M, K]) these kernels apply to an [M, K] x for ``seed`` (for tests)."""
     M, K = shape
     device = torch.device(device)
     out = torch.empty(M, K, device=device, dtype=torch.float32)
-    rt = runtime(device)
-    rt("dropout_mask", M=M, K=K, out=out.data_ptr(), out_s0=out.stride(0), out_s1=out.stride(1),
-       seed=int(seed) & 0xFFFFFFFF, p=float(p))  # fmt: skip
+    runtime(device)("dropout_mask", M=M, K=K, out=out.data_ptr(), out_s0=out.stride(0), out_s1=out.stride(1),
+                    seed=int(seed) & 0xFFFFFFFF, p=float(p))  # fmt: skip
     return out

@@ -18,6 +18,7 @@ from .._checks import is_int as _is_int
 from ..ops.dora.op import dora_weight_norm
 from ..ops.multi_lora.batch import NO_ADAPTER
 from ..ops.multi_lora.naive import AdapterWeights, adapter_scale
+from ..ops.multi_lora.op import multi_lora_norm_of
 
 
 class SlotInfo(NamedTuple):
@@ -49,6 +50,12 @@ class AdapterPool(nn.Module):
     ``magnitude_scale [capacity, out_features]`` float32 (DoRA's ``g_i = m_i / ||W0 + s_i B_i A_i||_row``, 1
     elsewhere; float32 whatever the pool's dtype, float64 for a float64 pool).
     ``base_weight``: the layer's ``W0 [out, in]`` (referenced, not copied); needed only to load DoRA adapters.
+
+    ``trainable=True``: ``lora_A``, ``lora_B`` and DoRA's magnitudes ``magnitude [capacity, out_features]`` (peft's
+    ``m`` of each DoRA slot) are ``nn.Parameter``s, so one optimizer trains every adapter of the pool in mixed
+    batches; ``magnitude_scale`` is then recomputed from them at every use (``g_i = m_i / ||W0 + s_i B_i A_i||``,
+    the norm detached, W0 read once for all DoRA slots), not cached. Gradients past each adapter's rank and of
+    empty slots are zero, so those entries stay zero under any optimizer whose update of a zero gradient is zero.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class AdapterPool(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         base_weight: Tensor | None = None,
+        trainable: bool = False,
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -82,12 +90,19 @@ class AdapterPool(nn.Module):
             raise TypeError(f"dtype must be a floating-point dtype, got {factory['dtype']}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.capacity, self.max_rank = int(capacity), int(max_rank)
-        self.register_buffer("lora_A", torch.zeros(capacity, max_rank, in_features, **factory), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(capacity, out_features, max_rank, **factory), persistent=False)
+        self.trainable = bool(trainable)
+        lora_A = torch.zeros(capacity, max_rank, in_features, **factory)
+        lora_B = torch.zeros(capacity, out_features, max_rank, **factory)
+        if self.trainable:
+            self.lora_A, self.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
+            self.magnitude = nn.Parameter(torch.ones(capacity, out_features, **factory))
+        else:
+            self.register_buffer("lora_A", lora_A, persistent=False)
+            self.register_buffer("lora_B", lora_B, persistent=False)
         self.register_buffer("dora_slots", torch.zeros(capacity, dtype=torch.int32, device=device), persistent=False)
         # A plain attribute, moved by _apply but never cast: g multiplies whole output rows, bf16 would cost 0.4%.
         g_dtype = torch.promote_types(factory["dtype"], torch.float32)
-        self.magnitude_scale = torch.ones(capacity, out_features, dtype=g_dtype, device=device)
+        self._magnitude_scale = torch.ones(capacity, out_features, dtype=g_dtype, device=device)
         self._base_weight = (base_weight,)  # a tuple: not registered as this module's parameter
         self._slots: list[SlotInfo | None] = [None] * capacity
         self._names: dict[str, int] = {}
@@ -96,16 +111,17 @@ class AdapterPool(nn.Module):
         self._update_signature()
 
     @classmethod
-    def for_linear(cls, linear: nn.Linear, capacity: int, max_rank: int) -> AdapterPool:
+    def for_linear(cls, linear: nn.Linear, capacity: int, max_rank: int, *, trainable: bool = False) -> AdapterPool:
         """A pool on ``linear``'s device and dtype, with its weight as the DoRA base."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(linear.in_features, linear.out_features, capacity, max_rank, base_weight=linear.weight)
+        return cls(linear.in_features, linear.out_features, capacity, max_rank, base_weight=linear.weight,
+                   trainable=trainable)  # fmt: skip
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         device = self.lora_A.device
-        self.magnitude_scale = self.magnitude_scale.to(device)
+        self._magnitude_scale = self._magnitude_scale.to(device)
         self._magnitudes = {slot: m.to(device) for slot, m in self._magnitudes.items()}
         return self
 
@@ -122,6 +138,23 @@ class AdapterPool(nn.Module):
     @property
     def base_weight(self) -> Tensor | None:
         return self._base_weight[0]
+
+    @property
+    def magnitude_scale(self) -> Tensor:
+        """DoRA's ``g [capacity, out_features]`` (1 off DoRA slots), float32 (float64 for a float64 pool).
+
+        Serving: the value cached when each adapter was loaded. Trainable: ``m_i / ||W0 + s_i B_i A_i||_row`` from
+        the current parameters (differentiable in ``magnitude``; the norm is a constant, as DoRA defines it)."""
+        dora = [i for i, info in enumerate(self._slots) if info is not None and info.dora]
+        if not self.trainable or not dora:
+            return self._magnitude_scale
+        infos = [self._slots[i] for i in dora]
+        norms = multi_lora_norm_of(self.base_weight, self.lora_A, self.lora_B, dora,
+                                   [adapter_scale(f.alpha, f.rank, f.rslora) for f in infos],
+                                   [f.rank for f in infos])  # fmt: skip
+        idx = torch.tensor(dora, device=self.device)
+        g = self.magnitude.index_select(0, idx).to(norms.dtype) / norms
+        return self._magnitude_scale.index_copy(0, idx, g.to(self._magnitude_scale.dtype))
 
     @property
     def names(self) -> dict[str, int]:
@@ -171,8 +204,20 @@ class AdapterPool(nn.Module):
         """Adapter ``name`` as stored (views into the pool, in the pool's dtype; ``magnitude`` is None for LoRA)."""
         slot = self.slot(name)
         info = self._slots[slot]
-        return AdapterWeights(self.lora_A[slot, : info.rank], self.lora_B[slot, :, : info.rank], info.alpha,
-                              info.rslora, self._magnitudes.get(slot))  # fmt: skip
+        magnitude = self._magnitudes.get(slot)
+        if self.trainable and info.dora:
+            magnitude = self.magnitude[slot].detach()
+        return AdapterWeights(self.lora_A[slot, : info.rank].detach(), self.lora_B[slot, :, : info.rank].detach(),
+                              info.alpha, info.rslora, magnitude)  # fmt: skip
+
+    def peft_state(self, name: str) -> dict[str, Tensor]:
+        """Adapter ``name`` in peft's layout, detached copies: ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``
+        and, for DoRA, ``lora_magnitude_vector [out]`` (the keys of one layer of peft's adapter file)."""
+        w = self.weights(name)
+        state = {"lora_A.weight": w.lora_A.clone(), "lora_B.weight": w.lora_B.clone()}
+        if w.magnitude is not None:
+            state["lora_magnitude_vector"] = w.magnitude.clone()
+        return state
 
     # ---- load / unload ----------------------------------------------------------------------------------------
 
@@ -235,10 +280,14 @@ class AdapterPool(nn.Module):
             norm = dora_weight_norm(self.base_weight, self.lora_A[slot, :r], self.lora_B[slot, :, :r],
                                     scale=adapter_scale(info.alpha, r, info.rslora), rank=r)  # fmt: skip
             m = magnitude.to(device=norm.device, dtype=norm.dtype)
-            self.magnitude_scale[slot].copy_(m / norm)
-            self._magnitudes[slot] = m.to(self.magnitude_scale.dtype).clone()
+            self._magnitude_scale[slot].copy_(m / norm)
+            self._magnitudes[slot] = m.to(self._magnitude_scale.dtype).clone()
+            if self.trainable:
+                self.magnitude[slot].copy_(m)
         else:
-            self.magnitude_scale[slot].fill_(1.0)
+            self._magnitude_scale[slot].fill_(1.0)
+            if self.trainable:
+                self.magnitude[slot].fill_(1.0)
         self.dora_slots[slot] = int(info.dora)
         self._slots[slot] = info
         self._names[name] = slot
@@ -270,7 +319,9 @@ class AdapterPool(nn.Module):
         self._magnitudes.pop(slot, None)
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
-        self.magnitude_scale[slot].fill_(1.0)
+        self._magnitude_scale[slot].fill_(1.0)
+        if self.trainable:
+            self.magnitude[slot].fill_(1.0)
         self.dora_slots[slot] = 0
         self._update_signature()
         return slot
@@ -278,5 +329,5 @@ class AdapterPool(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "
-            f"max_rank={self.max_rank}, dtype={self.dtype}, loaded={len(self)}"
+            f"max_rank={self.max_rank}, dtype={self.dtype}, loaded={len(self)}, trainable={self.trainable}"
         )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..._checks import is_int as _is_int
-from .naive import adapter_scale
+from .naive import BatchTensors, adapter_scale
 
 NO_ADAPTER = -1
 
@@ -75,16 +75,21 @@ class AdapterBatch:
       then the rows without.
     - ``tiles [T, 4]`` int32: ``(slot, start, end, max rank)`` of each run of at most ``block_m`` sorted rows that
       share an adapter; unused tiles (up to the bound ``max_tiles(M, capacity)``) have slot -1.
+    - ``slot_rows [capacity, 2]`` int32: each slot's segment ``[start, end)`` of ``sorted_rows`` (start == end: no
+      row uses it); the backward's per-adapter weight gradients run over these.
 
     Host facts: ``num_rows``, ``num_ids``, ``seq_lens``, ``block_m``, ``num_tiles`` and ``num_segments`` (used),
-    ``has_adapter``, ``signature`` (the pool signature it was validated against).
+    ``has_adapter``, ``has_dora`` (some row uses a DoRA adapter), ``signature`` (the pool signature it was validated
+    against).
     """
 
     def __init__(self, packed: Tensor, *, num_rows: int, num_ids: int, seq_lens: tuple[int, ...] | None,
-                 num_tiles: int, num_segments: int, has_adapter: bool, signature: tuple) -> None:  # fmt: skip
+                 num_tiles: int, num_segments: int, has_adapter: bool, has_dora: bool, capacity: int,
+                 signature: tuple) -> None:  # fmt: skip
         self._packed = packed
         self.num_rows, self.num_ids, self.seq_lens = num_rows, num_ids, seq_lens
         self.num_tiles, self.num_segments, self.has_adapter = num_tiles, num_segments, has_adapter
+        self.has_dora, self.capacity = has_dora, capacity
         self.signature = signature
         self.block_m = segment_block_m(num_rows)
         # Set when a CUDA graph was captured on this batch while it had no adapter rows: the graph then holds no
@@ -99,7 +104,19 @@ class AdapterBatch:
         self.row_rank = p[M : 2 * M]
         self.row_scale = p[2 * M : 3 * M].view(torch.float32)
         self.sorted_rows = p[3 * M : 4 * M]
-        self.tiles = p[4 * M :].view(-1, 4)
+        self.slot_rows = p[4 * M : 4 * M + 2 * self.capacity].view(-1, 2)
+        self.tiles = p[4 * M + 2 * self.capacity :].view(-1, 4)
+
+    def tensors(self) -> BatchTensors:
+        """The device tensors the primitives take (``naive.BatchTensors``)."""
+        return BatchTensors(self.row_slot, self.row_rank, self.row_scale, self.sorted_rows, self.tiles,
+                            self.slot_rows, self.block_m)  # fmt: skip
+
+    def note_launch(self, x: Tensor) -> None:
+        """Called by the op before each launch on this batch: a CUDA graph captured while the batch has no adapter
+        row holds no adapter launch, so the batch remembers it and ``copy_`` refuses a refill with adapter rows."""
+        if not self.has_adapter and x.is_cuda and not torch.compiler.is_compiling():
+            self.captured_without_adapters |= torch.cuda.is_current_stream_capturing()
 
     @property
     def device(self) -> torch.device:
@@ -212,11 +229,13 @@ class AdapterBatch:
         seg_slots, seg_lens = torch.unique_consecutive(sorted_key, return_counts=True)
         sorted_rank = row_rank[sorted_rows].tolist()
         tiles: list[list[int]] = []
+        slot_rows = [[0, 0] for _ in range(pool.capacity)]
         n_segments = start = 0
         for s, length in zip(seg_slots.tolist(), seg_lens.tolist(), strict=True):
             if s == pool.capacity:
                 break  # the trailing run of rows without adapter
             n_segments += 1
+            slot_rows[s] = [start, start + length]
             for a in range(start, start + length, block_m):
                 b = min(a + block_m, start + length)
                 tiles.append([s, a, b, max(sorted_rank[a:b])])
@@ -224,9 +243,13 @@ class AdapterBatch:
         n_tiles = len(tiles)
         tiles += [[NO_ADAPTER, 0, 0, 0]] * (T - n_tiles)  # fixed size: the kernels' grid never depends on the data
         tiles_t = torch.tensor(tiles, dtype=torch.int32).reshape(-1)
-        packed = torch.cat([row_slot, row_rank, row_scale.view(torch.int32), sorted_rows.to(torch.int32), tiles_t])
+        slot_rows_t = torch.tensor(slot_rows, dtype=torch.int32).reshape(-1)
+        packed = torch.cat([row_slot, row_rank, row_scale.view(torch.int32), sorted_rows.to(torch.int32), slot_rows_t,
+                            tiles_t])  # fmt: skip
+        has_dora = any(pool.slots[s].dora for s in set(id_slot) if s != NO_ADAPTER) and M > 0
         return cls(packed.to(pool.device), num_rows=M, num_ids=n_ids, seq_lens=lens, num_tiles=n_tiles,
-                   num_segments=n_segments, has_adapter=n_tiles > 0, signature=pool.signature)  # fmt: skip
+                   num_segments=n_segments, has_adapter=n_tiles > 0, has_dora=has_dora and n_tiles > 0,
+                   capacity=pool.capacity, signature=pool.signature)  # fmt: skip
 
     def check_copy(self, other: AdapterBatch) -> None:
         """Raise unless ``copy_(other)`` is valid (same layout; adapter rows only if launches can serve them)."""
@@ -252,6 +275,7 @@ class AdapterBatch:
         self._packed.copy_(other._packed, non_blocking=True)
         self.num_ids, self.seq_lens, self.signature = other.num_ids, other.seq_lens, other.signature
         self.num_tiles, self.num_segments, self.has_adapter = other.num_tiles, other.num_segments, other.has_adapter
+        self.has_dora = other.has_dora
         return self
 
     def __repr__(self) -> str:

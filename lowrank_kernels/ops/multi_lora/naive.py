@@ -1,4 +1,4 @@
-"""Plain PyTorch reference for mixed-adapter batched inference (DESIGN.md §3, multi-adapter gather matmul).
+"""The multi-adapter gather matmul in plain PyTorch: the spec, the torch backend's primitives and the oracle.
 
 One base layer ``W0 [N, K]`` (``bias [N]``), a pool of adapters ``i`` (``A_i [r_i, K]``, ``B_i [N, r_i]``, ``alpha_i``,
 optionally a DoRA magnitude ``m_i [N]``), and a batch whose row ``t`` names its adapter ``i = id[t]`` (``-1``: none)
@@ -15,8 +15,21 @@ belongs to the full-rank weight).
 
 - ``multi_lora_linear_ref``: the spec, one row at a time, DoRA's norm from the materialised ``W0 + s B A``: the tests'
   oracle. Slow on purpose; nothing in it is shared with the backends.
-- ``multi_lora_forward``: the same math vectorised as a gather-bmm (every row gathers its adapter: the pools are read
-  once per *row*): the ``torch`` backend, with the kernels' interface, and the "gather-bmm" benchmark baseline.
+- ``segment_shrink``, ``segment_expand``, ``segment_weight_grad``, ``pool_row_norm``: the primitives ``op.py``
+  writes the forward and the backward over (the ``torch`` backend; ``triton.py`` and ``cuda.py`` implement the same).
+- ``multi_lora_forward``: the serving math vectorised as a gather-bmm (every row gathers its adapter: the pools are
+  read once per *row*), with the serving kernels' interface: the "gather-bmm" benchmark baseline.
+
+Training (``op.py``'s backward). Write ``dy_g = dy * g_i`` (DoRA rows; ``dy`` elsewhere), ``xa_t = s_t drop(x_t)
+A_i[:b_t]^T`` and ``dyb_t = s_t dy_g[t] B_i[:, :b_t]`` (both [M, R], zero past ``b_t``). Then, for every slot ``i``
+over exactly its rows (zero for slots no row uses)::
+
+    dA_i = sum_t dyb_t^T drop(x_t)        dB_i = sum_t dy_g[t]^T xa_t        dg_i = sum_t dy[t] * z[t]  (DoRA)
+    dx   = dy_g W0 + dyb A_i                         (with dropout: dy W0 + drop'((dy_g - dy) W0 + dyb A_i))
+
+and ``dm_i = dg_i / ||W0 + s_i B_i A_i||_row`` by autograd through ``g_i = m_i / norm`` (the norm detached). Rows
+without adapter reach only ``dx = dy W0``. The dropout mask is ``lora_linear``'s: a hash of (seed, row, column)
+over the batch's [M, K] input.
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..lora.naive import dropout_mask
 
 
 class AdapterWeights(NamedTuple):
@@ -53,19 +68,23 @@ def multi_lora_linear_ref(
     adapter_ids: Sequence[int],
     adapters: Sequence[AdapterWeights | None],
     ranks: Sequence[int | None] | None = None,
+    dropout_mask: Tensor | None = None,
 ) -> Tensor:
-    """The per-row loop: the spec and the tests' oracle. Computes in float64 on the inputs' device.
+    """The per-row loop: the spec and the tests' oracle, differentiable by autograd. Computes in float64.
 
     x: [M, K]; weight: [N, K]; bias: [N] | None; adapter_ids: M ints in [-1, len(adapters)); adapters[i]: adapter i
-    (None: an empty slot, which no row may name); ranks: M active ranks (None entries or None: the adapter's rank).
-    Returns [M, N] float64.
+    (None: an empty slot, which no row may name); ranks: M active ranks (None entries or None: the adapter's rank);
+    dropout_mask: [M, K] (0 or 1/(1-p)) on the adapter input | None; DoRA rows then take peft's dropout form
+    ``x W0^T + (g - 1) drop(x) W0^T + g s (drop(x) A^T) B^T + bias``. DoRA's norm is detached (a constant, as in
+    training). Returns [M, N] float64.
     """
     f64 = torch.float64
     W0 = weight.to(f64)
-    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=f64)
+    rows = []
     dora_g: dict[int, Tensor] = {}  # per adapter, computed on first use
     for t, i in enumerate(adapter_ids):
         xt = x[t].to(f64)
+        xd = xt if dropout_mask is None else xt * dropout_mask[t].to(f64)
         y = W0 @ xt
         if i >= 0:
             ad = adapters[i]
@@ -74,14 +93,167 @@ def multi_lora_linear_ref(
             A, B = ad.lora_A.to(f64), ad.lora_B.to(f64)
             r = A.shape[0]
             b = r if ranks is None or ranks[t] is None else int(ranks[t])
-            y = y + adapter_scale(ad.alpha, b, ad.rslora) * (B[:, :b] @ (A[:b] @ xt))
-            if ad.magnitude is not None:
+            low = adapter_scale(ad.alpha, b, ad.rslora) * (B[:, :b] @ (A[:b] @ xd))
+            if ad.magnitude is None:
+                y = y + low
+            else:
                 if i not in dora_g:
                     s = adapter_scale(ad.alpha, r, ad.rslora)
-                    dora_g[i] = ad.magnitude.to(f64) / torch.linalg.vector_norm(W0 + s * (B @ A), dim=1)
-                y = y * dora_g[i]
-        out[t] = y if bias is None else y + bias.to(f64)
+                    norm = torch.linalg.vector_norm(W0 + s * (B @ A), dim=1).detach()
+                    dora_g[i] = ad.magnitude.to(f64) / norm
+                g = dora_g[i]
+                y = g * (y + low) if dropout_mask is None else y + (g - 1) * (W0 @ xd) + g * low
+        rows.append(y if bias is None else y + bias.to(f64))
+    if not rows:
+        return torch.empty(0, weight.shape[0], device=x.device, dtype=f64)
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The primitives, in PyTorch: the torch backend. ``op.py`` writes the forward and the backward once over these;
+# ``triton.py`` and ``cuda.py`` implement the same functions with the same arguments. Every per-row tensor is
+# indexed by row (the batch's order), and accumulation is float32 (float64 for float64 inputs).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BatchTensors(NamedTuple):
+    """The device side of an ``AdapterBatch`` as the primitives take it (see ``batch.py`` for each field)."""
+
+    row_slot: Tensor  # [M] int32, -1: no adapter
+    row_rank: Tensor  # [M] int32, 0 without adapter
+    row_scale: Tensor  # [M] float32
+    sorted_rows: Tensor  # [M] int32, rows grouped by slot
+    tiles: Tensor  # [T, 4] int32 (slot, start, end, max rank)
+    slot_rows: Tensor  # [capacity, 2] int32: each slot's [start, end) in sorted_rows (start == end: unused)
+    block_m: int
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the primitives accumulate in: float32, float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def row_mask(meta: BatchTensors, R: int) -> Tensor:
+    """[M, R] bool: rank r is active on row t (r < b_t; no rank on a row without adapter)."""
+    return torch.arange(R, device=meta.row_rank.device) < meta.row_rank.long().unsqueeze(-1)
+
+
+def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
+    """t [M, R] = s_t drop(x[t]) a[i_t, :b_t]^T in the compute dtype; zero past b_t and on rows without adapter.
+
+    x: [M, K]; a: [n, R, K] (the pool's ``lora_A``, or ``lora_B.transpose(1, 2)`` for the backward's ``dy B``),
+    any strides. Each row gathers its adapter (a gather-bmm)."""
+    compute = compute_dtype(x.dtype)
+    xc = x.to(compute)
+    if p_drop > 0.0:
+        xc = xc * dropout_mask(seed, tuple(x.shape), p_drop, x.device).to(compute)
+    idx = meta.row_slot.long().clamp_min(0)
+    t = torch.bmm(a[idx].to(compute), xc.unsqueeze(-1)).squeeze(-1)  # [M, R]
+    return torch.where(row_mask(meta, a.shape[1]), t * meta.row_scale.to(compute).unsqueeze(-1), 0.0)
+
+
+def dora_epilogue(y: Tensor, low: Tensor, g_rows: Tensor, is_dora: Tensor, bias: Tensor | None,
+                  yd: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(y, z) of DoRA rows from the base ``y = x W0^T + bias`` and ``low = s xa B^T`` (compute dtype, [M, N]).
+
+    Without dropout ``z = y - bias + low``, ``y = g z + bias``; with it (``yd = drop(x) W0^T``) ``z = yd + low``,
+    ``y = y + (g - 1) yd + g low``. LoRA rows: ``y + low``, z = 0. g_rows: [M, N] (1 off DoRA rows), is_dora: [M, 1].
+    """
+    if yd is None:
+        z = y - (0.0 if bias is None else bias.to(y.dtype)) + low
+        y_dora = g_rows * z + (0.0 if bias is None else bias.to(y.dtype))
+    else:
+        z = yd + low
+        y_dora = y + (g_rows - 1) * yd + g_rows * low
+    return torch.where(is_dora, y_dora, y + low), torch.where(is_dora, z, 0.0)
+
+
+def segment_expand(
+    y: Tensor,
+    t: Tensor,
+    u: Tensor,
+    meta: BatchTensors,
+    *,
+    p_drop: float = 0.0,
+    seed: int = 0,
+    dora: tuple[Tensor, Tensor] | None = None,
+    bias: Tensor | None = None,
+    yd: Tensor | None = None,
+    save_z: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(y + low, z | None) in y's dtype, ``low[t] = t[t] u[i_t]^T`` ([M, N]; rows without adapter: 0).
+
+    y: [M, N] (the base product, bias included); t: [M, R] from ``segment_shrink``; u: [n, N, R] (``lora_B``, or
+    ``lora_A.transpose(1, 2)`` for the backward's dx). ``p_drop > 0``: ``low`` times the dropout mask of an [M, N]
+    tensor (the backward's ``drop'``). ``dora = (g [n, N], dora_slots [n])``: DoRA slots take ``dora_epilogue``
+    (``bias`` and the dropped base ``yd`` as there); ``z`` is returned when ``save_z``.
+    """
+    compute = compute_dtype(y.dtype)
+    idx = meta.row_slot.long().clamp_min(0)
+    has = (meta.row_slot >= 0).unsqueeze(-1)
+    low = torch.bmm(u[idx].to(compute), t.to(compute).unsqueeze(-1)).squeeze(-1)
+    low = torch.where(has, low, 0.0)
+    if p_drop > 0.0:
+        low = low * dropout_mask(seed, tuple(low.shape), p_drop, y.device).to(compute)
+    yc = y.to(compute)
+    if dora is None:
+        return (yc + low).to(y.dtype), (torch.zeros_like(y) if save_z else None)
+    g, dora_slots = dora
+    is_dora = has & (dora_slots.long()[idx] != 0).unsqueeze(-1)
+    g_rows = torch.where(is_dora, g[idx].to(compute), 1.0)
+    out, z = dora_epilogue(yc, low, g_rows, is_dora, bias, None if yd is None else yd.to(compute))
+    return out.to(y.dtype), (z.to(y.dtype) if save_z else None)
+
+
+def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int, *, p_drop: float = 0.0,
+                        seed: int = 0) -> Tensor:  # fmt: skip
+    """[capacity, P, Q] = per slot i, ``sum over the rows t of adapter i of u[t]^T drop(v[t])`` in the compute dtype.
+
+    u: [M, P], v: [M, Q] (``p_drop``: v's dropout mask, an [M, Q] x's). Zero for slots no row uses. Each segment of
+    ``sorted_rows`` is one product, rows in a fixed order: deterministic. Reads the segment table on the host (the
+    reference path's one sync)."""
+    compute = torch.promote_types(compute_dtype(u.dtype), compute_dtype(v.dtype))
+    vc = v.to(compute)
+    if p_drop > 0.0:
+        vc = vc * dropout_mask(seed, tuple(v.shape), p_drop, v.device).to(compute)
+    uc = u.to(compute)
+    out = torch.zeros(capacity, u.shape[1], v.shape[1], device=u.device, dtype=compute)
+    rows = meta.sorted_rows.long()
+    for slot, (start, end) in enumerate(meta.slot_rows.tolist()):
+        if end > start:
+            seg = rows[start:end]
+            out[slot] = uc[seg].t() @ vc[seg]
     return out
+
+
+def pool_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, slots: Sequence[int], scales: Sequence[float],
+                  ranks: Sequence[int]) -> Tensor:  # fmt: skip
+    """[len(slots), N] = ``||W0 + s_i B_i[:, :r_i] A_i[:r_i]||_row`` for the pool's adapters in ``slots``, detached.
+
+    One pass over W0 for all of them: ``U = W0 [A_i]^T`` with the active A_i stacked ([N, sum r_i], one GEMM), then
+    each adapter's factored norm (``ops.dora.naive.row_norm``'s identity); rows that cancel are computed directly."""
+    from ..dora.naive import fix_cancelled_rows, weight_norm_sq
+
+    compute = compute_dtype(weight.dtype)
+    if not slots:
+        return torch.empty(0, weight.shape[0], device=weight.device, dtype=compute)
+    A_stack = torch.cat([lora_A[i, :r] for i, r in zip(slots, ranks, strict=True)]).to(compute)
+    U = weight.to(compute) @ A_stack.t()  # [N, sum r]: W0 read once
+    w0_sq = weight_norm_sq(weight)
+    out, start = [], 0
+    for i, s, r in zip(slots, scales, ranks, strict=True):
+        A, B = A_stack[start : start + r], lora_B[i, :, :r].to(compute)
+        quad = s * s * ((B @ (A @ A.t())) * B).sum(1)
+        norm_sq = w0_sq + 2 * s * (B * U[:, start : start + r]).sum(1) + quad
+        out.append(fix_cancelled_rows(norm_sq, w0_sq + quad, weight, lora_A[i], lora_B[i], scale=s, rank=r))
+        start += r
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gather-bmm baseline with the serving kernels' interface (the "gather-bmm" benchmark, and the tests' check of
+# the kernels' metadata).
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def multi_lora_forward(

@@ -1,20 +1,24 @@
-"""Triton kernels for mixed-adapter batched inference (a segmented gather matmul over a pool) and their launcher.
+"""Triton kernels of the multi-adapter gather matmul (segmented over the batch's rows grouped by adapter).
 
-Math and notation: ``naive.py``; batch layout: ``batch.py``.
-The layer runs as three launches, Punica's SGMV shrink/expand around a cuBLAS base GEMM:
+Math and notation: ``naive.py``; batch layout: ``batch.py``; the one forward/backward over these primitives:
+``op.py``. A layer runs Punica's SGMV shrink/expand around a cuBLAS base GEMM, and its backward adds two segmented
+weight-gradient launches:
 
-1. ``y = x W0^T + bias``: cuBLAS ``F.linear`` (BENCH.md: a plain Triton GEMM is 1.12-1.27x cuBLAS at M >= 2048;
-   the adapters' bytes, not the base GEMM, are this op's problem).
-2. ``multi_lora_shrink_kernel``: ``t[p] = s_p * x[row_p] A_i[:b_p]^T`` for every sorted row ``p`` of every tile
-   (rows sharing adapter ``i``), split over K. Grid ``(tiles, rank blocks, K splits)``: each ``A_i`` tile is read once
-   per row tile of its segment (once per segment at decode); x rows are gathered through ``sorted_rows``.
-3. ``multi_lora_expand_kernel``: ``y[row_p] += t[p] B_i[:, :b]^T`` in place (DoRA slots:
-   ``y = g_i * (y - bias + low) + bias``). Grid ``(tiles, N blocks)``: each ``B_i`` column block once per row tile.
+1. ``y = x W0^T + bias`` (and ``dy W0`` in the backward): cuBLAS ``F.linear`` (the adapters' bytes, not the base
+   GEMM, are this op's problem).
+2. ``multi_lora_shrink_kernel`` (``segment_shrink``): ``t[row] = s_row * drop(x[row]) A_i[:b_row]^T`` for every row
+   of every tile (rows sharing adapter ``i``), split over K. Grid ``(tiles, rank blocks, K splits)``: each ``A_i``
+   tile is read once per row tile of its segment; x rows are gathered through ``sorted_rows``.
+3. ``multi_lora_expand_kernel`` (``segment_expand``): ``y[row] += t[row] B_i[:, :b]^T`` in place, with DoRA's
+   epilogues (serving and training forms) and the backward's dropout mask. Grid ``(tiles, N blocks)``.
+4. ``segment_weight_grad_kernel``: per slot ``out_i = sum_{rows of i} u[row]^T drop(v[row])``. Grid
+   ``(capacity, P blocks, Q blocks)``: one program owns one output tile of one adapter and walks that adapter's
+   segment once, in a fixed order, accumulating in fp32: deterministic, no atomics, zero for slots no row uses.
 
-Rows without adapter are in no tile: they cost only the base GEMM (a batch with no adapter row launches neither
-kernel). The grids are sized by the batch's fixed tile bound (unused tiles exit at their first load), and ranks,
-tile extents and slots are read on the device, so the launches need no host-device sync and a CUDA graph captured
-on one batch replays any batch copied into it (``AdapterBatch.copy_``).
+Rows without adapter are in no tile: they cost only the base GEMM. The grids are sized by the batch's fixed tile
+bound and the pool's capacity (unused tiles exit at their first load), and ranks, tile extents and slots are read
+on the device, so the launches need no host-device sync and a CUDA graph captured on one batch replays any batch
+copied into it (``AdapterBatch.copy_``).
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._triton_utils import dot_precision, rank_block
+from ..._triton_utils import dot_precision, dropout_keep, rank_block
+from ..lora.naive import keep_factor
+from .naive import BatchTensors
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def multi_lora_shrink_kernel(
     x_ptr,
     a_ptr,
@@ -41,6 +46,9 @@ def multi_lora_shrink_kernel(
     tiles_ptr,
     K,
     k_per_split,
+    seed,
+    p_drop,
+    drop_scale,
     stride_xm,
     stride_xk,
     stride_as,
@@ -49,15 +57,18 @@ def multi_lora_shrink_kernel(
     stride_ts,
     stride_tm,
     stride_tr,
+    HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """t[split, p, r] = s[row] sum_{k in split} x[row, k] A[slot, r, k] (0 for r >= rank[row]), row = sorted_rows[p].
+    """t[split, row, r] = s[row] sum_{k in split} drop(x)[row, k] A[slot, r, k] (0 for r >= rank[row]).
 
-    Tile ``(slot, start, end, tile_rank)`` covers sorted positions ``[start, end)``; t is float32 [splits, M, R] and
-    only ``r < tile_rank`` is written (the expand kernel reads no further). Grid: (tiles, cdiv(R, BLOCK_R), splits).
+    Tile ``(slot, start, end, tile_rank)`` covers sorted positions ``[start, end)``, rows ``sorted_rows[p]``; t is
+    float32 [splits, M, R], indexed by row, and only ``r < tile_rank`` is written (the caller zeroes it).
+    Dropout: x's dropped entries are zeroed (exact) and the accumulator scaled by 1/(1-p) (``drop_scale``).
+    Grid: (tiles, cdiv(R, BLOCK_R), splits).
     """
     p_tile = tiles_ptr + tl.program_id(0).to(tl.int64) * 4
     slot = tl.load(p_tile)
@@ -80,17 +91,21 @@ def multi_lora_shrink_kernel(
         o_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         m_k = o_k < k_end
         b_x = tl.load(p_x + o_k[None, :] * stride_xk, mask=m_p[:, None] & m_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            b_x = tl.where(dropout_keep(seed, p_drop, o_row, o_k, K), b_x, 0.0)
         b_a = tl.load(p_a + o_k[None, :] * stride_ak, mask=m_r[:, None] & m_k[None, :], other=0.0)
-        b_acc = tl.dot(b_x, tl.trans(b_a), b_acc, input_precision=DOT_PRECISION)
-    # Per-row truncated rank (DyLoRA serving) and scale: rows of one tile may ask for different ranks.
+        b_acc = tl.dot(b_x, tl.trans(b_a.to(b_x.dtype)), b_acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        b_acc = b_acc * drop_scale
+    # Per-row truncated rank (DyLoRA) and scale: rows of one tile may ask for different ranks.
     b_rank = tl.load(row_rank_ptr + o_row, mask=m_p, other=0)
     b_scale = tl.load(row_scale_ptr + o_row, mask=m_p, other=0.0)
     b_acc = tl.where(o_r[None, :] < b_rank[:, None], b_acc * b_scale[:, None], 0.0)
-    p_t = t_ptr + pid_s.to(tl.int64) * stride_ts + o_p[:, None].to(tl.int64) * stride_tm + o_r[None, :] * stride_tr
+    p_t = t_ptr + pid_s.to(tl.int64) * stride_ts + o_row[:, None] * stride_tm + o_r[None, :] * stride_tr
     tl.store(p_t, b_acc, mask=m_p[:, None] & m_r[None, :])
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # a loop bound read as a tensor; 1 would become a constexpr
+@triton.jit(do_not_specialize=["seed"])
 def multi_lora_expand_kernel(
     t_ptr,
     b_ptr,
@@ -98,11 +113,14 @@ def multi_lora_expand_kernel(
     bias_ptr,
     g_ptr,
     dora_ptr,
+    yd_ptr,
+    z_ptr,
     sorted_rows_ptr,
     tiles_ptr,
     N,
-    num_splits,
-    stride_ts,
+    seed,
+    p_drop,
+    drop_scale,
     stride_tm,
     stride_tr,
     stride_bs,
@@ -112,16 +130,26 @@ def multi_lora_expand_kernel(
     stride_yn,
     stride_gs,
     stride_gn,
+    stride_ydm,
+    stride_ydn,
+    stride_zm,
+    stride_zn,
     HAS_BIAS: tl.constexpr,
+    HAS_DORA: tl.constexpr,
+    HAS_YD: tl.constexpr,
+    SAVE_Z: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """y[row] += sum_splits t[., p, :tile_rank] B[slot, :, :tile_rank]^T; DoRA slot: y = g * (y - bias + that) + bias.
+    """y[row] += low = t[row, :tile_rank] B[slot, :, :tile_rank]^T, in place (``naive.segment_expand``).
 
-    y holds ``x W0^T + bias`` on entry (cuBLAS) and is updated in place: each row is in exactly one tile, so no two
-    programs touch one element. Grid: (tiles, cdiv(N, BLOCK_N)).
+    HAS_DROPOUT: ``low`` times the [M, N] dropout mask (the backward's dx). HAS_DORA, on DoRA slots: without HAS_YD
+    ``z = y - bias + low``, ``y = g z + bias``; with it (``yd = drop(x) W0^T``) ``z = yd + low``,
+    ``y = y + (g - 1) yd + g low``; SAVE_Z stores z. Each row is in exactly one tile, so no two programs touch one
+    element. Grid: (tiles, cdiv(N, BLOCK_N)).
     """
     p_tile = tiles_ptr + tl.program_id(0).to(tl.int64) * 4
     slot = tl.load(p_tile)
@@ -139,37 +167,105 @@ def multi_lora_expand_kernel(
     for r_start in range(0, tile_rank, BLOCK_R):
         o_r = r_start + tl.arange(0, BLOCK_R)
         m_r = o_r < tile_rank
-        m_t = m_p[:, None] & m_r[None, :]
-        p_t = t_ptr + o_p[:, None].to(tl.int64) * stride_tm + o_r[None, :] * stride_tr
-        b_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in range(0, num_splits):
-            b_t += tl.load(p_t + s * stride_ts, mask=m_t, other=0.0)
+        b_t = tl.load(t_ptr + o_row[:, None] * stride_tm + o_r[None, :] * stride_tr, mask=m_p[:, None] & m_r[None, :],
+                      other=0.0)  # fmt: skip
         p_b = b_ptr + slot64 * stride_bs + o_n[:, None] * stride_bn + o_r[None, :] * stride_br
         b_b = tl.load(p_b, mask=m_n[:, None] & m_r[None, :], other=0.0)
         b_acc = tl.dot(b_t.to(b_b.dtype), tl.trans(b_b), b_acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        b_acc = tl.where(dropout_keep(seed, p_drop, o_row, o_n, N), b_acc * drop_scale, 0.0)
     p_y = y_ptr + o_row[:, None] * stride_ym + o_n[None, :] * stride_yn
     m_y = m_p[:, None] & m_n[None, :]
     b_y = tl.load(p_y, mask=m_y, other=0.0).to(tl.float32)
-    if tl.load(dora_ptr + slot) != 0:
-        # DoRA: g scales the base term too. y already holds the bias (cuBLAS adds it), so take it out and put it back,
-        # as peft does (base_result - bias): one rounding of y more than a bias-free base GEMM, and no extra pass.
-        b_g = tl.load(g_ptr + slot64 * stride_gs + o_n * stride_gn, mask=m_n, other=1.0)
-        if HAS_BIAS:
-            b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
-            b_y = b_g[None, :] * (b_y - b_bias[None, :] + b_acc) + b_bias[None, :]
+    if HAS_DORA:
+        is_dora = tl.load(dora_ptr + slot) != 0
+    else:
+        is_dora = slot < 0  # False: a LoRA-only launch reads no DoRA table
+    if is_dora:
+        b_g = tl.load(g_ptr + slot64 * stride_gs + o_n * stride_gn, mask=m_n, other=1.0)[None, :]
+        if HAS_YD:
+            b_yd = tl.load(yd_ptr + o_row[:, None] * stride_ydm + o_n[None, :] * stride_ydn, mask=m_y, other=0.0)
+            b_yd = b_yd.to(tl.float32)
+            b_z = b_yd + b_acc
+            b_y = b_y + (b_g - 1.0) * b_yd + b_g * b_acc
         else:
-            b_y = b_g[None, :] * (b_y + b_acc)
+            # y already holds the bias (cuBLAS adds it), so take it out and put it back, as peft does.
+            if HAS_BIAS:
+                b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+                b_z = b_y - b_bias + b_acc
+                b_y = b_g * b_z + b_bias
+            else:
+                b_z = b_y + b_acc
+                b_y = b_g * b_z
+        if SAVE_Z:
+            tl.store(z_ptr + o_row[:, None] * stride_zm + o_n[None, :] * stride_zn,
+                     b_z.to(z_ptr.dtype.element_ty), mask=m_y)  # fmt: skip
     else:
         b_y = b_y + b_acc
     tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_y)
 
 
+@triton.jit(do_not_specialize=["seed"])
+def segment_weight_grad_kernel(
+    u_ptr,
+    v_ptr,
+    out_ptr,
+    sorted_rows_ptr,
+    slot_rows_ptr,
+    P,
+    Q,
+    seed,
+    p_drop,
+    drop_scale,
+    stride_um,
+    stride_up,
+    stride_vm,
+    stride_vq,
+    stride_os,
+    stride_op,
+    stride_oq,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """out[slot, p, q] = sum over the slot's segment of u[row, p] drop(v)[row, q], fp32, one program per tile.
+
+    The segment ``[start, end)`` of ``sorted_rows`` is walked BLOCK_M rows at a time in order (deterministic); an
+    unused slot (start == end) stores zeros. Grid: (capacity, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)).
+    """
+    slot = tl.program_id(0).to(tl.int64)
+    start = tl.load(slot_rows_ptr + slot * 2)
+    end = tl.load(slot_rows_ptr + slot * 2 + 1)
+    o_p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_q = tl.program_id(2).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_p = o_p < P
+    m_q = o_q < Q
+    b_acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m_start in range(start, end, BLOCK_M):
+        o_s = m_start + tl.arange(0, BLOCK_M)
+        m_s = o_s < end
+        o_row = tl.load(sorted_rows_ptr + o_s, mask=m_s, other=0).to(tl.int64)
+        b_u = tl.load(u_ptr + o_row[:, None] * stride_um + o_p[None, :] * stride_up, mask=m_s[:, None] & m_p[None, :],
+                      other=0.0).to(tl.float32)  # fmt: skip
+        b_v = tl.load(v_ptr + o_row[:, None] * stride_vm + o_q[None, :] * stride_vq, mask=m_s[:, None] & m_q[None, :],
+                      other=0.0).to(tl.float32)  # fmt: skip
+        if HAS_DROPOUT:
+            b_v = tl.where(dropout_keep(seed, p_drop, o_row, o_q, Q), b_v, 0.0)
+        b_acc = tl.dot(tl.trans(b_u), b_v, b_acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        b_acc = b_acc * drop_scale
+    p_out = out_ptr + slot * stride_os + o_p[:, None] * stride_op + o_q[None, :] * stride_oq
+    tl.store(p_out, b_acc, mask=m_p[:, None] & m_q[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Launcher: allocation, tile choice, grid. No validation (the ops layer and AdapterBatch.build did it).
+# Launchers: allocation, tile choice, grid. No validation (the ops layer and AdapterBatch.build did it).
 # ----------------------------------------------------------------------------------------------------------------
 
 # Programs the shrink aims for: ~2 per SM, so K splits fill the GPU when the batch has few tiles (one adapter at
-# decode: 1 tile). Untuned first pick (no GPU measured yet): see docs/GPU_NOTES.md.
+# decode: 1 tile). Untuned first pick (no GPU measured yet).
 SHRINK_PROGRAMS_PER_SM = 2
 MAX_K_SPLITS = 16
 
@@ -188,55 +284,91 @@ def _k_splits(tile_slots: int, rank_blocks: int, K: int, block_k: int, device: t
     return max(1, min(MAX_K_SPLITS, triton.cdiv(K, block_k), triton.cdiv(target, max(1, tile_slots * rank_blocks))))
 
 
-def multi_lora_forward(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    magnitude_scale: Tensor,
-    dora_slots: Tensor,
-    row_slot: Tensor,
-    row_rank: Tensor,
-    row_scale: Tensor,
-    sorted_rows: Tensor,
-    tiles: Tensor,
-    block_m: int,
-) -> Tensor:
-    """x: [M, K] -> y [M, N] in x's dtype (interface: ``reference.multi_lora.multi_lora_forward``).
+def _dropout_args(p_drop: float) -> tuple[float, float]:
+    return (p_drop, keep_factor(p_drop)) if p_drop > 0.0 else (0.0, 1.0)
 
-    lora_A: [n, R, K], lora_B: [n, N, R] (the pool; any strides), tiles: [T, 4] int32 from ``AdapterBatch``,
-    block_m: the batch's rows per tile. ``row_slot`` is not read: the tiles carry the slots.
-    """
+
+def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
+    """t [M, R] float32 = s_t drop(x[t]) a[i_t, :b_t]^T, zero past b_t and on rows without adapter (``naive``'s).
+
+    x: [M, K], a: [n, R, K] (any strides). Split over K when the batch has few tiles; the splits are summed in a
+    fixed order (deterministic)."""
     M, K = x.shape
-    R = lora_A.shape[1]
-    N = weight.shape[0]
-    y = F.linear(x, weight, bias)
-    T = tiles.shape[0]
-    if M == 0 or T == 0:
-        return y
-    if not y.is_contiguous():  # F.linear returns a fresh contiguous y; the expand kernel only needs its strides
-        y = y.contiguous()
-    precision = dot_precision(x.dtype)
+    R = a.shape[1]
+    T = meta.tiles.shape[0]
     block_r = rank_block(R)
     block_k = 64 if x.dtype == torch.float32 else 128
     rank_blocks = triton.cdiv(R, block_r)
     splits = _k_splits(T, rank_blocks, K, block_k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, k_per_split)
-    t = torch.empty(splits, M, R, device=x.device, dtype=torch.float32)
+    t = torch.zeros(splits, M, R, device=x.device, dtype=torch.float32)
+    if T == 0 or M == 0:
+        return t.sum(0)
+    p, scale = _dropout_args(p_drop)
     multi_lora_shrink_kernel[(T, rank_blocks, splits)](
-        x, lora_A, t, sorted_rows, row_rank, row_scale, tiles, K, k_per_split,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
-        t.stride(0), t.stride(1), t.stride(2),
-        DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+        x, a, t, meta.sorted_rows, meta.row_rank, meta.row_scale, meta.tiles, K, k_per_split, seed, p, scale,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), t.stride(0), t.stride(1), t.stride(2),
+        HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=meta.block_m, BLOCK_K=block_k,
+        BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
-    block_n = 64 if x.dtype == torch.float32 else 128
+    return t[0] if splits == 1 else t.sum(0)
+
+
+def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None, bias=None, yd=None,
+                   save_z=False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """(y + low, z | None) as ``naive.segment_expand``, y updated in place (a fresh product from the caller).
+
+    y: [M, N]; t: [M, R] float32; u: [n, N, R] (any strides); dora: (g [n, N], dora_slots [n]) | None."""
+    M, N = y.shape
+    R = u.shape[2]
+    T = meta.tiles.shape[0]
+    z = torch.zeros_like(y) if save_z else None
+    if T == 0 or M == 0:
+        return y, z
+    block_r = rank_block(R)
+    block_n = 64 if y.dtype == torch.float32 else 128
+    g, dora_slots = dora if dora is not None else (y, meta.row_slot)  # unread without HAS_DORA
+    p, scale = _dropout_args(p_drop)
+    yd_t = y if yd is None else yd
+    z_t = y if z is None else z
     multi_lora_expand_kernel[(T, triton.cdiv(N, block_n))](
-        t, lora_B, y, bias if bias is not None else y, magnitude_scale, dora_slots, sorted_rows, tiles, N, splits,
-        t.stride(0), t.stride(1), t.stride(2), lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
-        y.stride(0), y.stride(1), magnitude_scale.stride(0), magnitude_scale.stride(1),
-        HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        num_warps=4,
+        t, u, y, bias if bias is not None else y, g, dora_slots, yd_t, z_t, meta.sorted_rows, meta.tiles, N, seed, p,
+        scale, t.stride(0), t.stride(1), u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1),
+        g.stride(0), g.stride(1) if g.dim() == 2 else 0, yd_t.stride(0), yd_t.stride(1), z_t.stride(0), z_t.stride(1),
+        HAS_BIAS=bias is not None, HAS_DORA=dora is not None, HAS_YD=yd is not None, SAVE_Z=z is not None,
+        HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(y.dtype), BLOCK_M=meta.block_m, BLOCK_N=block_n,
+        BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
+    return y, z
+
+
+def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int, *, p_drop: float = 0.0,
+                        seed: int = 0) -> Tensor:  # fmt: skip
+    """[capacity, P, Q] float32: per slot, the sum over its rows of ``u[t]^T drop(v[t])`` (``naive``'s), each
+    output tile accumulated by one program over its adapter's segment (deterministic, no atomics)."""
+    M, P = u.shape
+    Q = v.shape[1]
+    out = torch.empty(capacity, P, Q, device=u.device, dtype=torch.float32)
+    block_p = 64 if P > 32 else (32 if P > 16 else 16)
+    block_q = 64 if Q > 32 else (32 if Q > 16 else 16)
+    p, scale = _dropout_args(p_drop)
+    fp32 = u.dtype == torch.float32 or v.dtype == torch.float32
+    segment_weight_grad_kernel[(capacity, triton.cdiv(P, block_p), triton.cdiv(Q, block_q))](
+        u, v, out, meta.sorted_rows, meta.slot_rows, P, Q, seed, p, scale, u.stride(0), u.stride(1), v.stride(0),
+        v.stride(1), out.stride(0), out.stride(1), out.stride(2), HAS_DROPOUT=p_drop > 0.0,
+        DOT_PRECISION=dot_precision(torch.float32 if fp32 else u.dtype), BLOCK_M=32, BLOCK_P=block_p,
+        BLOCK_Q=block_q, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def multi_lora_forward(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, row_rank, row_scale,
+                       sorted_rows, tiles, block_m) -> Tensor:  # fmt: skip
+    """Serving forward with the gather-bmm's interface (``naive.multi_lora_forward``): base GEMM, shrink, expand."""
+    slot_rows = torch.zeros(lora_A.shape[0], 2, dtype=torch.int32, device=x.device)  # unread by the forward
+    meta = BatchTensors(row_slot, row_rank, row_scale, sorted_rows, tiles, slot_rows, block_m)
+    y = torch.nn.functional.linear(x, weight, bias)
+    t = segment_shrink(x, lora_A, meta)
+    y, _ = segment_expand(y, t, lora_B, meta, dora=(magnitude_scale, dora_slots), bias=bias)
     return y

@@ -339,14 +339,46 @@ def edited(saved, tmp_path, config=None, tensors=None):
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 BAD_FILES = {
-    "layers_to_transform": (
+    "layers_to_transform": (  # supported; but then the file's layer-1 weights are not targeted
         dict(config=lambda c: c.update(layers_to_transform=[0])),
         ValueError,
-        r"layers_to_transform=\[0\] \(restricts the targets",
+        "weights for modules the config does not target",
     ),
-    "bias": (dict(config=lambda c: c.update(bias="lora_only")), ValueError, "bias='lora_only'"),
-    "modules_to_save": (dict(config=lambda c: c.update(modules_to_save=["lm_head"])), ValueError, "modules_to_save"),
-    "pissa": (dict(config=lambda c: c.update(init_lora_weights="pissa")), ValueError, "init_lora_weights='pissa'"),
+    "bias-tensor-with-bias-none": (
+        dict(tensors=lambda t: t.update({f"{Q0}.base_layer.bias": torch.zeros(32)})),
+        ValueError,
+        r"unexpected tensors .*base_layer.bias.* \(bias tensors in a file whose config says bias='none'\)",
+    ),
+    "bias-unknown-mode": (dict(config=lambda c: c.update(bias="some")), ValueError, "bias='some' is not one of"),
+    "modules_to_save-not-in-model": (  # peft's SEQ_CLS default names no module of a causal LM: the copy is absent
+        dict(
+            config=lambda c: c.update(modules_to_save=["classifier"]),
+            tensors=lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(128, 32)}),
+        ),
+        ValueError,
+        r"unexpected tensors .*'base_model.model.lm_head.weight'",
+    ),
+    "lora_bias": (
+        dict(config=lambda c: c.update(lora_bias=True)),
+        ValueError,
+        "lora_bias, a trainable bias on lora_B, is not supported",
+    ),
+    "pissa": (
+        dict(config=lambda c: c.update(init_lora_weights="pissa_niter_4")),
+        ValueError,
+        "init_lora_weights='pissa_niter_4' \\(the PiSSA initialisation is not supported",
+    ),
+    "olora": (dict(config=lambda c: c.update(init_lora_weights="olora")), ValueError, "the OLoRA initialisation"),
+    "embedding-tensors": (
+        dict(tensors=lambda t: t.update({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)})),
+        ValueError,
+        "LoRA on an nn.Embedding is not supported",
+    ),
+    "embedding-target": (
+        dict(config=lambda c: c.update(target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])),
+        TypeError,
+        "'model.embed_tokens' is a Embedding; .*LoRA on an nn.Embedding is not supported",
+    ),
     "unknown-field": (
         dict(config=lambda c: c.update(shiny_new_option=3)),
         ValueError,

@@ -42,6 +42,8 @@ __all__ = [
     "inject_adapters",
     "inject_multi_lora",
     "model_modules",
+    "modules_to_save_names",
+    "multi_lora_from",
     "pattern_value",
     "remove_adapters",
     "select_modules",
@@ -346,8 +348,24 @@ def inject_multi_lora(
 ) -> list[str]:
     """Wrap the selected ``nn.Linear`` modules in ``MultiLoRALinear`` (an empty pool each, for serving) in place."""
     names = find_target_modules(model, target_modules, exclude_modules)
-    _swap_in(model, names, lambda name, linear: MultiLoRALinear.from_linear(linear, capacity, max_rank))
+    _swap_in(model, names, lambda name, linear: multi_lora_from(linear, capacity, max_rank))
     return names
+
+
+def multi_lora_from(layer: nn.Module, capacity: int, max_rank: int) -> MultiLoRALinear:
+    """``MultiLoRALinear.from_linear`` for an ``nn.Linear`` or a ``Conv1D``: a Conv1D's [in, out] weight is handed
+    over as an [out, in] Parameter that is a transposed view of the same storage (no copy); ``remove_adapters``
+    puts the Conv1D itself back."""
+    if not is_conv1d(layer):
+        return MultiLoRALinear.from_linear(layer, capacity, max_rank)
+    in_features, out_features, _ = linear_layout(layer)
+    view = nn.Linear(in_features, out_features, bias=layer.bias is not None, device="meta")
+    view.weight = nn.Parameter(layer.weight.detach().t(), requires_grad=False)  # shares the Conv1D's storage
+    view.bias = layer.bias
+    multi = MultiLoRALinear.from_linear(view, capacity, max_rank)
+    layer.weight.requires_grad_(False)
+    object.__setattr__(multi, "_conv1d_base", layer)  # not a submodule: no second copy in the state dict
+    return multi
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -382,6 +400,9 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> list[str]:
 
 def _plain_layer(layer: nn.Module) -> nn.Module:
     """The base layer type an adapter layer wrapped, holding its weight and bias Parameters (no copy)."""
+    conv1d = getattr(layer, "_conv1d_base", None)  # a MultiLoRALinear built by multi_lora_from
+    if conv1d is not None:
+        return conv1d
     if getattr(layer, "fan_in_fan_out", False):
         from transformers.pytorch_utils import Conv1D
 

@@ -44,8 +44,20 @@ from torch import Tensor, nn
 
 from ..modules.adalora import RANKNUM_EPS, AdaLoRALinear
 from ..modules.dora import DoRALinear
+from ..modules.lora import linear_layout
 from ..modules.multi_lora import MultiLoRALinear, multi_lora_layers
-from .inject import adapter_layers, find_target_modules, inject_adapters, pattern_value, select_modules
+from .inject import (
+    BIAS_MODES,
+    ModulesToSave,
+    _why_not_wrappable,
+    adapter_layers,
+    find_target_modules,
+    inject_adapters,
+    modules_to_save_names,
+    multi_lora_from,
+    pattern_value,
+    select_modules,
+)
 
 __all__ = ["load_peft_adapter", "load_peft_adapters_for_serving", "save_peft_adapter"]
 
@@ -55,11 +67,13 @@ BIN_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."  # PeftModel.base_model (the LoraModel) .model (the wrapped base model)
 
 # Config fields each loader reads (or, for AdaLoRA, that peft itself ignores or uses only in training).
-_LORA_FIELDS = frozenset(
+# Fields of both: what else peft trains or selects (biases, full module copies, layer indices).
+_SELECTION_FIELDS = frozenset({"bias", "modules_to_save", "layers_to_transform", "layers_pattern"})
+_LORA_FIELDS = _SELECTION_FIELDS | frozenset(
     {"r", "lora_alpha", "use_rslora", "lora_dropout", "use_dora", "target_modules", "exclude_modules",
      "rank_pattern", "alpha_pattern"}
 )  # fmt: skip
-_ADALORA_FIELDS = frozenset(
+_ADALORA_FIELDS = _SELECTION_FIELDS | frozenset(
     {"init_r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
      "r", "use_rslora", "alpha_pattern",  # peft's AdaLoraModel builds every layer from init_r and lora_alpha alone
      "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step"}  # the schedule
@@ -71,19 +85,15 @@ _IGNORED_FIELDS = frozenset(
      "runtime_config",  # where adapters live (ephemeral GPU offload), not what they compute
      "megatron_core",  # read only with megatron_config, which must be unset
      "qalora_group_size",  # read only with use_qalora, which must be False
-     "fan_in_fan_out",  # peft resets it to False (with a warning) on nn.Linear, the only layer type wrapped here
+     "fan_in_fan_out",  # peft sets it per layer (with a warning): False on nn.Linear, True on Conv1D, as here
      "loftq_config", "eva_config", "corda_config", "lora_ga_config"}  # settings of init_lora_weights methods
 )  # fmt: skip
 # init_lora_weights values that only choose the initial A and B, which the file's weights replace. The others
 # (pissa*, olora, corda, loftq, lora_ga, mica...) also rewrite the base weights when peft builds the adapter.
 _WEIGHT_ONLY_INITS = (True, False, "gaussian", "orthogonal", "eva")
-_NEUTRAL_VALUES = {"bias": ("none",), "init_lora_weights": _WEIGHT_ONLY_INITS}
+_NEUTRAL_VALUES = {"init_lora_weights": _WEIGHT_ONLY_INITS}
 _WHY_UNSUPPORTED = {
-    "bias": "trains the base layers' biases (extra tensors in the file)",
-    "lora_bias": "adds a trainable bias to lora_B",
-    "modules_to_save": "trains full copies of other modules",
-    "layers_to_transform": "restricts the targets to some layer indices",
-    "layers_pattern": "restricts the targets to some layer indices",
+    "lora_bias": "lora_bias, a trainable bias on lora_B, is not supported",
     "layer_replication": "duplicates base layers",
     "use_qalora": "QA-LoRA pools the adapter input",
     "target_parameters": "targets nn.Parameters, not modules",
@@ -95,6 +105,9 @@ _WHY_UNSUPPORTED = {
     "init_lora_weights": "this initialisation rewrites the base weights when peft loads the adapter; convert it "
     "first with save_pretrained(path_initial_model_for_weight_conversion=...)",
 }
+# init_lora_weights values (by prefix) that rewrite the base weights, named in words in the refusal.
+_BASE_REWRITING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ",
+                         "lora_ga": "LoRA-GA", "mica": "MiCA"}  # fmt: skip
 
 # File key suffix -> our parameter, per kind.
 _LORA_PARAMS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
@@ -153,10 +166,17 @@ def _config_kind(config: dict, where: Path) -> str:
                 continue
         elif value is None or value is False or (isinstance(value, (str, list, dict)) and not value):
             continue
-        unsupported.append(f"{field}={value!r} ({_WHY_UNSUPPORTED.get(field, 'a field this loader does not know')})")
+        why = _WHY_UNSUPPORTED.get(field, "a field this loader does not know")
+        if field == "init_lora_weights" and isinstance(value, str):
+            method = next((n for k, n in _BASE_REWRITING_INITS.items() if value.lower().startswith(k)), None)
+            if method is not None:
+                why = f"the {method} initialisation is not supported: {why}"
+        unsupported.append(f"{field}={value!r} ({why})")
     if unsupported:
         raise ValueError(f"{where / CONFIG_NAME}: unsupported settings, the adapter would not compute peft's numbers "
                          f"here: {'; '.join(unsupported)}")  # fmt: skip
+    if config.get("bias", "none") not in BIAS_MODES:
+        raise ValueError(f"{where / CONFIG_NAME}: bias={config['bias']!r} is not one of peft's {BIAS_MODES}")
     if config.get("target_modules") is None:
         raise ValueError(f"{where / CONFIG_NAME}: target_modules is not set (peft then uses its per-architecture "
                          "default list); set it to the modules the adapter was trained on")  # fmt: skip
@@ -180,16 +200,27 @@ def _read_tensors(directory: Path) -> dict[str, Tensor]:
     return dict(tensors)
 
 
-def _group_tensors(tensors: dict[str, Tensor], kind: str, where: Path) -> dict[str, dict[str, Tensor]]:
-    """``{module: {param: tensor}}`` from the file's keys; ValueError naming unexpected and missing keys."""
+def _group_tensors(
+    tensors: dict[str, Tensor], kind: str, where: Path
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """``{module: {param: tensor}}`` from the adapter keys, and ``{name: tensor}`` of the other tensors (biases,
+    ``modules_to_save`` copies: names relative to the base model, checked by ``_plan_extras``); ValueError naming
+    unexpected and missing keys."""
     params = _PARAMS[kind]
     grouped: dict[str, dict[str, Tensor]] = {}
+    extras: dict[str, Tensor] = {}
     unexpected = []
     for key, tensor in tensors.items():
         rest = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else None
         suffix = next((s for s in params if rest is not None and rest.endswith(f".{s}")), None)
+        if rest is not None and ".lora_embedding_" in rest:
+            raise ValueError(f"{where}: tensor {key!r}: LoRA on an nn.Embedding is not supported (only nn.Linear "
+                             "and transformers Conv1D layers)")  # fmt: skip
         if suffix is None:
-            unexpected.append(key)
+            if rest is not None and "lora_" not in rest:
+                extras[rest] = tensor
+            else:
+                unexpected.append(key)
             continue
         if not tensor.is_floating_point():
             raise ValueError(f"{where}: tensor {key!r} is {tensor.dtype}; adapter weights are floating point")
@@ -203,7 +234,7 @@ def _group_tensors(tensors: dict[str, Tensor], kind: str, where: Path) -> dict[s
         raise ValueError(f"{where}: missing tensors: {_show(missing)}")
     if not grouped:
         raise ValueError(f"{where}: the adapter file holds no tensors")
-    return grouped
+    return grouped, extras
 
 
 def _show(items: list[str], limit: int = 8) -> str:
@@ -263,9 +294,13 @@ class _Adapter:
         self.where = directory
         self.config = _read_config(directory)
         self.kind = _config_kind(self.config, directory)
-        self.modules = _group_tensors(_read_tensors(directory), self.kind, directory)
+        self.modules, self.extras = _group_tensors(_read_tensors(directory), self.kind, directory)
         c = self.config
         self.target_modules, self.exclude_modules = c["target_modules"], c.get("exclude_modules")
+        self.bias = c.get("bias", "none")
+        self.modules_to_save = c.get("modules_to_save") or None
+        self.selection = dict(layers_to_transform=c.get("layers_to_transform"), layers_pattern=c.get("layers_pattern"),
+                              modules_to_save=self.modules_to_save, task_type=c.get("task_type"))  # fmt: skip
         self.dropout = _number(c.get("lora_dropout", 0.0), "lora_dropout", directory)
         self.alpha = _number(c.get("lora_alpha", 8), "lora_alpha", directory)
         if self.kind == "adalora":
@@ -358,6 +393,68 @@ def _load_layer(layer: nn.Module, adapter: _Adapter, module: str) -> None:
         layer.clear_norm_cache()
 
 
+_BASE_LAYER = ".base_layer."  # peft's adapter layers hold the base layer's parameters below base_layer
+
+
+def _plan_extras(adapter: _Adapter, model: nn.Module, targets: list[str], saved: list[str]) -> list[tuple]:
+    """Where each non-adapter tensor of the file goes, checked before the model changes (peft's load rules):
+
+    * ``<m>.<rest>`` with ``<m>`` a ``modules_to_save`` module: its trainable copy (``("copy", m, rest, t)``); peft's
+      raw ``<m>.modules_to_save.<adapter>.<rest>`` too, and ``<m>.original_module.<rest>`` the original module;
+    * with ``bias`` "all" / "lora_only", a name holding ``bias``: that base parameter, ``<m>.base_layer.<p>`` of a
+      targeted module being its ``<m>.<p>`` (``("base", parameter, t)``, the Parameter the adapter layer shares).
+
+    Anything else, or a name the model lacks or a shape it does not have, raises ValueError.
+    """
+    base = model.state_dict(keep_vars=True)
+    targeted = set(targets)
+    plan, unexpected = [], []
+    for key, tensor in adapter.extras.items():
+        owner = next((m for m in saved if key.startswith(f"{m}.")), None)
+        if owner is not None:
+            rest = key[len(owner) + 1 :]
+            if rest.startswith("original_module."):
+                name, where = f"{owner}.{rest.removeprefix('original_module.')}", "base"
+            else:
+                rest = re.sub(r"^modules_to_save\.[^.]+\.", "", rest)
+                name, where = f"{owner}.{rest}", "copy"
+        elif adapter.bias != "none" and "bias" in key:
+            module, sep, param = key.partition(_BASE_LAYER)
+            name = f"{module}.{param}" if sep and module in targeted else key
+            owner, rest, where = None, None, "base"
+        else:
+            unexpected.append(key)
+            continue
+        if name not in base:
+            unexpected.append(key)
+            continue
+        if tuple(base[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{adapter.where}: tensor '{KEY_PREFIX}{key}' has shape {list(tensor.shape)}; the "
+                             f"model's {name!r} is {list(base[name].shape)}")  # fmt: skip
+        plan.append(("copy", owner, rest, tensor) if where == "copy" else ("base", base[name], tensor))
+    if unexpected:
+        hint = ""
+        if adapter.bias == "none" and any("bias" in k for k in unexpected):
+            hint = " (bias tensors in a file whose config says bias='none')"
+        keys = [KEY_PREFIX + k for k in unexpected]
+        raise ValueError(f"{adapter.where}: unexpected tensors for a {adapter.kind} adapter: {_show(keys)} "
+                         f"(expected '{KEY_PREFIX}<module>.' + one of {list(_PARAMS[adapter.kind])}, the "
+                         f"modules_to_save {adapter.modules_to_save or []} or, with bias, the model's "
+                         f"biases){hint}")  # fmt: skip
+    return plan
+
+
+@torch.no_grad()
+def _load_extras(model: nn.Module, plan: list[tuple]) -> None:
+    for entry in plan:
+        if entry[0] == "copy":
+            _, owner, rest, tensor = entry
+            target = model.get_submodule(owner).trainable_copy.state_dict(keep_vars=True)[rest]
+        else:
+            _, target, tensor = entry
+        target.copy_(tensor.to(target.dtype))
+
+
 def load_peft_adapter(model: nn.Module, path, *, adapter_name: str | None = None) -> list[str]:
     """Wrap ``model`` as peft's adapter directory ``path`` says and load its weights; returns the wrapped modules.
 
@@ -367,14 +464,18 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: str | None = None
     ``save_pretrained`` writes adapters not named "default". LoRA / rsLoRA -> ``LoRALinear``, ``use_dora`` ->
     ``DoRALinear``, AdaLoRA -> ``AdaLoRALinear`` (masked triplets masked); everything else is frozen. Raises
     ``ValueError`` naming unsupported config fields, missing / unexpected / misshapen tensors, or targets that differ
-    from the file's modules, before the model is changed.
+    from the file's modules, before the model is changed. ``bias`` ("all", "lora_only": the file's biases are loaded
+    into the model's, which train), ``modules_to_save`` (trainable ``ModulesToSave`` copies loaded from the file),
+    ``layers_to_transform`` / ``layers_pattern`` and ``task_type`` mean what they mean in peft. Conv1D layers
+    (GPT-2) are wrapped as peft's ``fan_in_fan_out`` layers.
     """
     adapter = _Adapter(_adapter_dir(path, adapter_name))
-    names = find_target_modules(model, adapter.target_modules, adapter.exclude_modules)
+    names = find_target_modules(model, adapter.target_modules, adapter.exclude_modules, **adapter.selection)
     _check_targets_match(names, adapter.modules, adapter.where)
     for name in names:
-        linear = model.get_submodule(name)
-        adapter.check_shapes(name, linear.in_features, linear.out_features)
+        in_features, out_features, _ = linear_layout(model.get_submodule(name))
+        adapter.check_shapes(name, in_features, out_features)
+    extras = _plan_extras(adapter, model, names, modules_to_save_names(model, adapter.modules_to_save))
     inject_adapters(
         model,
         adapter.target_modules,
@@ -386,9 +487,12 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: str | None = None
         rank_pattern=adapter.rank_pattern,
         alpha_pattern=adapter.alpha_pattern,
         exclude_modules=adapter.exclude_modules,
+        bias=adapter.bias,
+        **adapter.selection,
     )
     for name in names:
         _load_layer(model.get_submodule(name), adapter, name)
+    _load_extras(model, extras)
     return names
 
 
@@ -445,7 +549,13 @@ def _training_schedule(adalora_config) -> dict:
 
 
 def save_peft_adapter(
-    model: nn.Module, path, *, base_model_name_or_path: str | None = None, adalora_config=None
+    model: nn.Module,
+    path,
+    *,
+    base_model_name_or_path: str | None = None,
+    adalora_config=None,
+    bias: str = "none",
+    task_type: str | None = None,
 ) -> list[str]:
     """Write the adapters of a model wrapped by ``inject_adapters`` as a peft adapter directory; returns the modules.
 
@@ -457,7 +567,12 @@ def save_peft_adapter(
     boolean ``rank_pattern`` of the layers' masks, as peft does; ``adalora_config`` (our ``AdaLoRAConfig``, a
     ``RankAllocator`` or peft's ``AdaLoraConfig``) supplies the schedule fields (default: peft's, ``total_step=1``).
     One kind per model (rsLoRA, dropout and, for AdaLoRA, r and alpha uniform): peft's config holds one of each.
+    ``bias`` (what ``inject_adapters`` was given: "all" writes every ``*bias*`` tensor, "lora_only" the wrapped
+    layers' biases, as peft names them) and ``task_type`` go into the config; every ``ModulesToSave`` copy is
+    written under its module's name and listed in ``modules_to_save``, as peft writes them.
     """
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     layers = adapter_layers(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no adapter layers: wrap it with inject_adapters first")
@@ -521,6 +636,11 @@ def save_peft_adapter(
         config.update(r=r, lora_alpha=alpha, rank_pattern=_exact_patterns(ranks, r),
                       alpha_pattern=_exact_patterns(alphas, alpha), use_rslora=rslora,
                       use_dora=kind == "dora")  # fmt: skip
+    saved = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+    for n, m in saved:  # peft's file: the copy's state dict under the module's own name
+        for key, t in m.trainable_copy.state_dict().items():
+            put(f"{n}.{key}", t)
+    tensors.update({KEY_PREFIX + k: t for k, t in _peft_biases(model, bias).items()})
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None  # what peft records
     config.update(
@@ -528,13 +648,13 @@ def save_peft_adapter(
         exclude_modules=None,
         lora_dropout=dropout,
         base_model_name_or_path=base_model_name_or_path,
-        task_type=None,
+        task_type=task_type,
         inference_mode=True,
-        bias="none",
+        bias=bias,
         lora_bias=False,
-        fan_in_fan_out=False,
+        fan_in_fan_out=all(m.fan_in_fan_out for _, m in layers),  # peft sets it per layer anyway
         init_lora_weights=True,
-        modules_to_save=None,
+        modules_to_save=[n for n, _ in saved] or None,
         layers_to_transform=None,
         layers_pattern=None,
     )
@@ -549,6 +669,24 @@ def save_peft_adapter(
         json.dump(dict(sorted(config.items())), f, indent=2)  # patterns keep their order: peft's first match wins
         f.write("\n")
     return names
+
+
+def _peft_biases(model: nn.Module, bias: str) -> dict[str, Tensor]:
+    """The bias tensors peft's ``get_peft_model_state_dict`` writes, under peft's live names (an adapter layer's own
+    parameters sit below ``base_layer`` there): "all": every state-dict entry whose name holds ``bias``
+    (``ModulesToSave`` entries included, under both their names, as peft does), "lora_only": the wrapped layers'."""
+    if bias == "none":
+        return {}
+    layers = dict(adapter_layers(model))
+    out = {}
+    for key, t in model.state_dict().items():
+        module, _, param = key.rpartition(".")
+        peft_key = f"{module}.base_layer.{param}" if module in layers and param in ("weight", "bias") else key
+        if "lora_" in peft_key:
+            continue
+        if bias == "all" and "bias" in peft_key or bias == "lora_only" and module in layers and param == "bias":
+            out[peft_key] = t.detach().to("cpu", copy=True).contiguous()
+    return out
 
 
 # ---- many adapters into MultiLoRALinear pools -------------------------------------------------------------------
@@ -574,11 +712,19 @@ def load_peft_adapters_for_serving(
             raise TypeError(f"adapter names must be non-empty strings, got {name!r}")
         adapter = _Adapter(_adapter_dir(path, None))
         selected = []
-        for n, m in select_modules(model, adapter.target_modules, adapter.exclude_modules):
-            if not isinstance(m, (nn.Linear, MultiLoRALinear)):
-                raise TypeError(f"{adapter.where}: target module {n!r} is a {type(m).__name__}; only nn.Linear (or "
-                                "MultiLoRALinear) can serve adapters")  # fmt: skip
+        for n, m in select_modules(model, adapter.target_modules, adapter.exclude_modules, **adapter.selection):
+            why = None if isinstance(m, MultiLoRALinear) else _why_not_wrappable(m)
+            if why is not None:
+                raise TypeError(f"{adapter.where}: target module {n!r} is a {type(m).__name__}; only nn.Linear, "
+                                f"Conv1D (or MultiLoRALinear) can serve adapters: {why}")  # fmt: skip
             selected.append(n)
+        saved = modules_to_save_names(model, adapter.modules_to_save)
+        if adapter.extras or saved:
+            _plan_extras(adapter, model, selected, saved)  # a file that is wrong anyway says so first
+            what = f"modules_to_save copies ({_show(saved, 3)})" if saved else "biases"
+            raise ValueError(f"{adapter.where}: this adapter also trains {what}, which change the base model for "
+                             "every request; a mixed batch cannot serve it: load it alone with "
+                             "load_peft_adapter")  # fmt: skip
         _check_targets_match(selected, adapter.modules, adapter.where)
         read[name] = adapter
     modules = {n: m for n, m in model.named_modules() if any(n in a.modules for a in read.values())}
@@ -586,7 +732,8 @@ def load_peft_adapters_for_serving(
     for mod, layer in modules.items():
         for a in read.values():
             if mod in a.modules:
-                a.check_shapes(mod, layer.in_features, layer.out_features)
+                a.check_shapes(mod, layer.in_features, layer.out_features) if isinstance(layer, MultiLoRALinear) \
+                    else a.check_shapes(mod, *linear_layout(layer)[:2])  # fmt: skip
     new_capacity = capacity if capacity is not None else len(read)
     new_max_rank = max_rank if max_rank is not None else max(max(r.values()) for r in ranks.values())
     for mod, layer in modules.items():  # room for every adapter that targets the layer
@@ -608,7 +755,7 @@ def load_peft_adapters_for_serving(
     for mod, layer in modules.items():
         if not isinstance(layer, MultiLoRALinear):
             flags = [p.requires_grad for p in (layer.weight, layer.bias) if p is not None]
-            model.set_submodule(mod, MultiLoRALinear.from_linear(layer, new_capacity, new_max_rank))
+            model.set_submodule(mod, multi_lora_from(layer, new_capacity, new_max_rank))
             replaced.append((mod, layer, flags))
     added, holding = [], []
     try:

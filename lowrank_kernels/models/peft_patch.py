@@ -109,7 +109,7 @@ def _adapter_problem(layer: nn.Module, name: str) -> str | None:
     """Why adapter ``name`` of this (supported) layer cannot run on the fused ops, or None."""
     weight = layer.get_base_layer().weight
     if _is_adalora(layer):
-        tensors = [layer.lora_A[name], layer.lora_B[name], layer.lora_E[name]]
+        tensors = [layer.lora_A[name], layer.lora_B[name], layer.lora_E[name], layer.ranknum[name]]
         if layer.lora_A[name].shape[0] == 0:
             return f"adapter {name!r} has rank 0"
     else:
@@ -153,10 +153,11 @@ def _base_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
 def _low_rank_term(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, float, Tensor | None]:
     """(A [R, K], B [N, R], scale, rank_scale [R] | None) of a LoRA or AdaLoRA adapter, peft's own tensors."""
     if _is_adalora(layer):
-        # peft: (x (A * E)^T B^T) * scaling / (ranknum + 1e-5); ranknum is float(r), never trained
-        ranknum = float(layer.ranknum[name].detach().reshape(-1)[0])
-        scale = float(layer.scaling[name]) / (ranknum + 1e-5)
-        return layer.lora_A[name], layer.lora_B[name], scale, layer.lora_E[name].reshape(-1)
+        # peft: (x (A * E)^T B^T) * scaling / (ranknum + 1e-5). ranknum is a Parameter that peft leaves trainable
+        # (so an optimizer moves it): it enters the per-rank scale as a tensor, so it gets peft's gradient too.
+        ranknum = layer.ranknum[name]
+        rank_scale = layer.lora_E[name].reshape(-1) * (layer.scaling[name] / (ranknum + 1e-5))
+        return layer.lora_A[name], layer.lora_B[name], 1.0, rank_scale
     return layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]), None
 
 

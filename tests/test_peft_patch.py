@@ -1,0 +1,413 @@
+"""patch_peft_model: a peft model, patched in place, gives peft's numbers (float64, so exactness is claimed: 1e-10
+relative) in every direction and state — logits, every adapter gradient, several adapters, disable, merge, mixed
+batches, transformers' Trainer, AdaLoRA's allocator loop, save and reload in plain peft — while the fused ops run."""
+
+import pytest
+import torch
+from helpers import rel_err, tiny_llama
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import lowrank_kernels  # noqa: E402
+from lowrank_kernels.models import peft_patch  # noqa: E402
+from lowrank_kernels.models.peft_patch import patch_peft_model, unpatch_peft_model  # noqa: E402
+
+# float64 end to end: the fused ops and peft differ only in summation order, ~1e-16 per op; a few dozen optimizer
+# steps amplify that to well under 1e-10. A dropped or mis-scaled adapter term moves results by > 1e-3.
+TOL = 1e-10
+VOCAB = 64
+NUM_LAYERS_ALL_LINEAR = 14  # 2 Llama layers x (q, k, v, o, gate, up, down)
+
+
+def lora_config(kind: str, **overrides):
+    if kind == "adalora":
+        # total_step only matters to the allocator schedule; update_and_allocate runs in the AdaLoRA loop test
+        base = dict(init_r=4, target_r=2, lora_alpha=8, target_modules="all-linear", total_step=20)
+        return peft.AdaLoraConfig(**{**base, **overrides})
+    base = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.0)
+    base.update(use_rslora=kind == "rslora", use_dora=kind == "dora")
+    return peft.LoraConfig(**{**base, **overrides})
+
+
+def peft_llama(kind: str = "lora", **overrides):
+    """A float64 tiny Llama under peft with non-zero adapters (same seed, same weights on every call)."""
+    model = peft.get_peft_model(tiny_llama(VOCAB).double(), lora_config(kind, **overrides))
+    if kind == "adalora":  # peft starts lambda (lora_E) at zero: make the adapter's term non-zero
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_E" in name:
+                    p.copy_(torch.randn(p.shape, dtype=p.dtype))
+    return model
+
+
+def token_batch(batch=3, seq=7, seed=1):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_and_grads(model, ids, **kwargs):
+    """Logits and the gradient of every trainable parameter (by name) for a fixed random cotangent."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, **kwargs).logits
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=logits.dtype)
+    (logits * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def assert_same(actual, expected, tol=TOL):
+    (logits, grads), (ref_logits, ref_grads) = actual, expected
+    assert rel_err(logits, ref_logits) < tol
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) < tol, name
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused op calls the patched layers make, so a test cannot pass on peft's forward alone."""
+    calls = {"lora": 0, "dora": 0}
+
+    def counting(kind, op):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return op(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(peft_patch, "lora_linear", counting("lora", peft_patch.lora_linear))
+    monkeypatch.setattr(peft_patch, "dora_linear", counting("dora", peft_patch.dora_linear))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["lora", "rslora", "dora", "adalora"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_logits_and_every_adapter_grad_equal_peft(kind, train, fused_calls):
+    model = peft_llama(kind)
+    model.train(train)
+    ids = token_batch()
+    expected = logits_and_grads(model, ids)
+    report = patch_peft_model(model)
+    assert len(report.patched) == NUM_LAYERS_ALL_LINEAR and not report.unpatched
+    assert set(report.patched.values()) == {kind}
+    assert_same(logits_and_grads(model, ids), expected)
+    assert fused_calls["dora" if kind == "dora" else "lora"] == NUM_LAYERS_ALL_LINEAR
+
+
+def test_exported_from_the_package():
+    assert lowrank_kernels.patch_peft_model is patch_peft_model
+    assert lowrank_kernels.unpatch_peft_model is unpatch_peft_model
+
+
+def test_two_adapters_set_adapter_and_both_active(fused_calls):
+    model = peft_llama()
+    model.add_adapter("other", lora_config("lora", r=2, lora_alpha=3, init_lora_weights=False))
+    ids = token_batch()
+    expected = {}
+    for active in ("other", "default", ["default", "other"]):
+        model.base_model.set_adapter(active)
+        expected[str(active)] = logits_and_grads(model, ids)
+    patch_peft_model(model)
+    for active in ("other", "default", ["default", "other"]):
+        model.base_model.set_adapter(active)
+        fused_calls["lora"] = 0
+        assert_same(logits_and_grads(model, ids), expected[str(active)])
+        assert fused_calls["lora"] == NUM_LAYERS_ALL_LINEAR  # both active: one fused call on the stacked ranks
+    # the two-adapter sum has both adapters' gradients, the single ones only their own
+    assert any(".other." in n for n in expected["['default', 'other']"][1])
+    assert any(".default." in n for n in expected["['default', 'other']"][1])
+
+
+def test_two_active_adapters_with_dora_run_on_peft(fused_calls):
+    """peft feeds a second DoRA adapter the first one's output: that combination stays on peft's forward."""
+    model = peft_llama("dora")
+    model.add_adapter("other", lora_config("lora", r=2, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    ids = token_batch()
+    expected = logits_and_grads(model, ids)
+    patch_peft_model(model)
+    assert_same(logits_and_grads(model, ids), expected)
+    assert fused_calls == {"lora": 0, "dora": 0}
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_disable_adapter_and_merge_and_unload_after_patch(kind, fused_calls):
+    model = peft_llama(kind)
+    model.eval()
+    ids = token_batch()
+    with model.disable_adapter():
+        base_logits = model(ids).logits.detach()
+    adapted = logits_and_grads(model, ids)[0]
+    patch_peft_model(model)
+    with model.disable_adapter():
+        assert rel_err(model(ids).logits, base_logits) < TOL
+    assert fused_calls == {"lora": 0, "dora": 0}
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, adapted) < TOL
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in merged.modules())
+    with torch.no_grad():
+        assert rel_err(merged(ids).logits, adapted) < TOL
+
+
+def test_merged_layers_run_on_peft(fused_calls):
+    model = peft_llama()
+    model.eval()
+    ids = token_batch()
+    expected = model(ids).logits.detach()
+    patch_peft_model(model)
+    model.base_model.merge_adapter()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, expected) < TOL
+    assert fused_calls["lora"] == 0  # merged: the adapter is in W0, peft runs the base layer alone
+    model.base_model.unmerge_adapter()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, expected) < TOL
+    assert fused_calls["lora"] == NUM_LAYERS_ALL_LINEAR
+
+
+def test_adapter_names_mixed_batch_equals_peft(fused_calls):
+    model = peft_llama()
+    model.add_adapter("other", lora_config("lora", r=2, lora_alpha=3, init_lora_weights=False))
+    model.eval()
+    ids = token_batch(batch=4)
+    names = ["other", "__base__", "default", "other"]
+    expected = logits_and_grads(model, ids, adapter_names=names)
+    expected_tokens = model.generate(ids, adapter_names=names, max_new_tokens=3, do_sample=False)
+    patch_peft_model(model)
+    assert_same(logits_and_grads(model, ids, adapter_names=names), expected)
+    assert fused_calls["lora"] == 2 * NUM_LAYERS_ALL_LINEAR  # one fused call per adapter, the base rows plain
+    tokens = model.generate(ids, adapter_names=names, max_new_tokens=3, do_sample=False)
+    assert torch.equal(tokens, expected_tokens)
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):  # peft's own checks still apply
+        model(ids, adapter_names=names[:2])
+
+
+def test_patch_twice_is_a_no_op_and_unpatch_restores_peft_forward_exactly(fused_calls):
+    model = peft_llama()
+    layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.layer.Linear)]
+    peft_forward = type(layers[0]).forward
+    assert all("forward" not in m.__dict__ for m in layers)
+    first = patch_peft_model(model)
+    patched_forwards = [m.__dict__["forward"] for m in layers]
+    second = patch_peft_model(model)
+    assert second == first
+    assert [m.__dict__["forward"] for m in layers] == patched_forwards
+    ids = token_batch()
+    patched = logits_and_grads(model, ids)
+    assert fused_calls["lora"] == NUM_LAYERS_ALL_LINEAR  # once per layer, not twice
+    restored = unpatch_peft_model(model)
+    assert sorted(restored) == sorted(first.patched)
+    assert all("forward" not in m.__dict__ and m.forward.__func__ is peft_forward for m in layers)
+    assert not any(peft_patch.is_patched(m) for m in layers)
+    assert_same(logits_and_grads(model, ids), patched)
+    assert fused_calls["lora"] == NUM_LAYERS_ALL_LINEAR  # nothing fused after unpatch
+
+
+def test_an_instance_forward_set_before_the_patch_comes_back():
+    model = peft_llama()
+    layer = next(m for m in model.modules() if isinstance(m, peft.tuners.lora.layer.Linear))
+    wrapped = layer.forward
+    layer.forward = lambda x, *a, **k: wrapped(x, *a, **k)
+    own = layer.forward
+    patch_peft_model(model)
+    assert layer.forward is not own
+    unpatch_peft_model(model)
+    assert layer.forward is own
+
+
+def adam_steps(model, optimizer, steps):
+    losses = []
+    for step in range(steps):
+        ids = token_batch(batch=2, seq=6, seed=10 + step)
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_an_optimizer_built_before_the_patch_keeps_training_the_same_tensors(kind):
+    reference, model = peft_llama(kind), peft_llama(kind)
+    expected = adam_steps(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), 5)
+    parameters = {n: p for n, p in model.named_parameters()}
+    state_keys = list(model.state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    patch_peft_model(model)
+    assert all(p is parameters[n] for n, p in model.named_parameters()) and list(model.state_dict()) == state_keys
+    losses = adam_steps(model, optimizer, 5)
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected, strict=True)) < TOL
+    trained = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p, trained[name]) < TOL, name
+            assert rel_err(p, peft_llama(kind).get_parameter(name)) > 1e-4, name  # it did train
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real training loops: transformers' Trainer (LoRA, DoRA) and AdaLoRA's allocator loop; then save and reload.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CountingTokens(torch.utils.data.Dataset):
+    """Sequences that count up from a random start (mod VOCAB): learnable in a few dozen steps."""
+
+    def __init__(self, n=64, seq=8):
+        start = torch.randint(0, VOCAB, (n, 1), generator=torch.Generator().manual_seed(3))
+        self.ids = (start + torch.arange(seq)) % VOCAB
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_trainer_loss_curve_and_adapters_equal_peft_then_reload_in_plain_peft(kind, tmp_path, fused_calls):
+    curves, trained = {}, {}
+    for patched in (False, True):
+        model = peft_llama(kind)
+        if patched:
+            patch_peft_model(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patched)), max_steps=30, per_device_train_batch_size=4,
+            learning_rate=2e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+            disable_tqdm=True, dataloader_num_workers=0,
+        )  # fmt: skip
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=CountingTokens())
+        trainer.train()
+        curves[patched] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        trained[patched] = model
+    assert fused_calls["dora" if kind == "dora" else "lora"] > 0
+    assert len(curves[True]) == 30
+    assert max(abs(a - b) / abs(b) for a, b in zip(curves[True], curves[False], strict=True)) < TOL
+    assert curves[True][-1] < curves[True][0] - 0.05  # it learned something
+    reference, model = trained[False], trained[True]
+    reference_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p, reference_params[name]) < TOL, name
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(VOCAB).double(), tmp_path / "adapter")
+    model.eval(), reloaded.eval()
+    ids = token_batch()
+    with torch.no_grad():
+        assert rel_err(reloaded(ids).logits, model(ids).logits) < TOL
+
+
+def test_adalora_update_and_allocate_loop_equals_peft_then_reload(tmp_path, fused_calls):
+    steps = 12
+    overrides = dict(init_r=4, target_r=2, tinit=2, tfinal=4, deltaT=2, total_step=steps, orth_reg_weight=0.1)
+    runs = {}
+    for patched in (False, True):
+        model = peft_llama("adalora", **overrides)
+        model.train()
+        # peft leaves ranknum (always float(r), never saved) trainable: an optimizer on it would move it and the
+        # saved adapter would no longer reload to the trained model, in plain peft too. Train the triplets only.
+        trainable = [p for n, p in model.named_parameters() if p.requires_grad and "ranknum" not in n]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        if patched:
+            patch_peft_model(model)
+        losses = []
+        for step in range(steps):
+            ids = token_batch(batch=2, seq=6, seed=20 + step)
+            loss = model(ids, labels=ids).loss  # peft's AdaLoRA adds its orthogonal regulariser here
+            loss.backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(step)
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        runs[patched] = (model, losses)
+    (reference, expected), (model, losses) = runs[False], runs[True]
+    assert fused_calls["lora"] > 0
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected, strict=True)) < TOL
+    reference_params = dict(reference.named_parameters())
+    masked = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p, reference_params[name]) < TOL, name
+            masked += int((p == 0).sum()) if "lora_E" in name else 0
+    assert masked > 0  # the allocator pruned ranks, and the patched layers saw it
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(VOCAB).double(), tmp_path / "adapter")
+    model.eval(), reloaded.eval()
+    ids = token_batch()
+    with torch.no_grad():
+        assert rel_err(reloaded(ids).logits, model(ids).logits) < TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What stays on peft's forward, and says so.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "layer", "reason"),
+    [
+        (dict(target_modules=["embed_tokens", "q_proj"]), "embed_tokens", "LoRA on an nn.Embedding is not supported"),
+        (dict(target_modules=["q_proj"], lora_bias=True), "q_proj", "uses lora_bias, which is not supported"),
+    ],
+    ids=["embedding", "lora_bias"],
+)
+def test_unsupported_layers_stay_on_peft_and_are_reported(overrides, layer, reason, fused_calls):
+    model = peft_llama("lora", **overrides)
+    ids = token_batch()
+    expected = logits_and_grads(model, ids)
+    report = patch_peft_model(model)
+    unpatched = {name: why for name, why in report.unpatched.items() if name.endswith(layer)}
+    assert unpatched and all(reason in why for why in unpatched.values()), report.unpatched
+    assert all("forward" not in model.get_submodule(name).__dict__ for name in unpatched)
+    assert reason in str(report)
+    assert_same(logits_and_grads(model, ids), expected)
+    assert fused_calls["lora"] == (2 if layer == "embed_tokens" else 0)  # the q_proj layers beside the embedding
+
+
+def test_dropout_in_training_runs_fused_and_is_peft_in_eval(fused_calls):
+    """Our dropout mask is a hash, not torch's RNG stream: in training the numbers equal peft's only in
+    distribution; in eval mode (dropout off) they are peft's."""
+    model = peft_llama(lora_dropout=0.3)
+    ids = token_batch()
+    model.eval()
+    expected = logits_and_grads(model, ids)
+    patch_peft_model(model)
+    assert_same(logits_and_grads(model, ids), expected)
+    model.train()
+    calls = fused_calls["lora"]
+    train_logits, grads = logits_and_grads(model, ids)
+    assert fused_calls["lora"] == calls + NUM_LAYERS_ALL_LINEAR
+    assert rel_err(train_logits, expected[0]) > 1e-4  # the mask was applied ...
+    assert all(torch.isfinite(g).all() for g in grads.values())  # ... and trains
+
+
+def test_gpt2_conv1d_fan_in_fan_out_uses_the_weight_transposed(fused_calls):
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).double()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                      fan_in_fan_out=True, init_lora_weights=False))  # fmt: skip
+    ids = token_batch()
+    expected = logits_and_grads(model, ids)
+    report = patch_peft_model(model)
+    assert len(report.patched) == 8 and not report.unpatched  # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    assert_same(logits_and_grads(model, ids), expected)
+    assert fused_calls["lora"] == 8
+
+
+def test_inputs_of_another_dtype_run_on_peft(fused_calls):
+    layer = peft.tuners.lora.layer.Linear(nn.Linear(8, 6), "default", config=peft.LoraConfig(r=2), r=2, lora_alpha=4)
+    wrapper = nn.ModuleDict({"layer": layer})
+    patch_peft_model(wrapper)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # peft's own error for a float64 x on float32 weights, not a wrong number
+        layer(x)
+    assert fused_calls["lora"] == 0
+    layer(x.float())
+    assert fused_calls["lora"] == 1

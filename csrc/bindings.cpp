@@ -41,4 +41,8 @@ PYBIND11_MODULE(_C, m) {
         "N"_a, "capacity"_a, "max_rank"_a, "t"_a, "t_s0"_a, "t_s1"_a, "b"_a, "b_s0"_a, "b_s1"_a, "b_s2"_a,
         "row_slot"_a, "row_rank"_a, "dora_slots"_a, "g"_a, "g_s0"_a, "g_s1"_a, "bias"_a, "y"_a, "y_s0"_a, "y_s1"_a,
         "stream"_a);
+  m.def("multi_lora_segment_grad", &lowrank::multi_lora_segment_grad,
+        "per-adapter weight gradient over each slot's rows (segmented, deterministic)", "u_dtype"_a, "v_dtype"_a, "M"_a,
+        "P"_a, "Q"_a, "capacity"_a, "u"_a, "u_s0"_a, "u_s1"_a, "v"_a, "v_s0"_a, "v_s1"_a, "sorted_rows"_a,
+        "slot_rows"_a, "seed"_a, "p"_a, "out"_a, "out_s0"_a, "out_s1"_a, "out_s2"_a, "stream"_a);
 }

@@ -10,6 +10,14 @@
 // fallback, kept simple. The Python side validates every slot and rank when the batch is built; here a slot outside
 // [0, capacity) or a negative one is skipped (the row keeps the base output) and ranks are clamped to [0, max_rank],
 // so no id can make a kernel read outside the pool.
+//
+// Training adds the segmented weight gradient (the backward's dA_i, dB_i and DoRA's dg_i):
+//
+//   segment_grad: out[i, p, q] = sum over slot i's rows (its segment of sorted_rows) of u[row, p] drop(v)[row, q]
+//                 grid (capacity, P tiles, Q tiles), one 16 x 16 output tile per block
+//
+// Each block walks its adapter's segment once, SEGMENT_TILE rows at a time in order, accumulating in fp32: no
+// atomics, deterministic, zero for slots no row uses.
 #include "common.cuh"
 
 namespace lowrank {
@@ -85,7 +93,76 @@ __global__ void __launch_bounds__(EXPAND_THREADS)
   y[p_y] = from_float<T>(v);
 }
 
+constexpr int SEGMENT_TILE = 16;  // output tile edge and rows per step of the segmented weight gradient
+
+template <typename TU, typename TV>
+__global__ void __launch_bounds__(SEGMENT_TILE* SEGMENT_TILE)
+    multi_lora_segment_grad_kernel(int64_t M, int64_t P, int64_t Q, int64_t capacity, const TU* u, int64_t u_s0,
+                                   int64_t u_s1, const TV* v, int64_t v_s0, int64_t v_s1, const int32_t* sorted_rows,
+                                   const int32_t* slot_rows, bool has_dropout, Dropout drop, float* out,
+                                   int64_t out_s0, int64_t out_s1, int64_t out_s2) {
+  __shared__ float u_tile[SEGMENT_TILE][SEGMENT_TILE + 1];  // [row][p], padded against bank conflicts
+  __shared__ float v_tile[SEGMENT_TILE][SEGMENT_TILE + 1];  // [row][q]
+  __shared__ int64_t rows[SEGMENT_TILE];
+  const int64_t slot = blockIdx.x;
+  const int tx = threadIdx.x % SEGMENT_TILE, ty = threadIdx.x / SEGMENT_TILE;
+  const int64_t p = static_cast<int64_t>(blockIdx.y) * SEGMENT_TILE + ty;
+  const int64_t q = static_cast<int64_t>(blockIdx.z) * SEGMENT_TILE + tx;
+  // A corrupt segment is clamped to [0, M]: the block then reads only rows of this batch.
+  int64_t start = slot_rows[2 * slot], end = slot_rows[2 * slot + 1];
+  start = start < 0 ? 0 : (start > M ? M : start);
+  end = end < start ? start : (end > M ? M : end);
+  float acc = 0.0f;
+  for (int64_t s0 = start; s0 < end; s0 += SEGMENT_TILE) {
+    __syncthreads();  // the previous step's tiles are consumed
+    if (threadIdx.x < SEGMENT_TILE) {
+      const int64_t s = s0 + threadIdx.x;
+      int64_t row = s < end ? static_cast<int64_t>(sorted_rows[s]) : -1;
+      rows[threadIdx.x] = (row >= 0 && row < M) ? row : -1;
+    }
+    __syncthreads();
+    // Thread (ty, tx) loads u[rows[ty], p-tile column tx] and v[rows[ty], q].
+    const int64_t row = rows[ty];
+    const int64_t pu = static_cast<int64_t>(blockIdx.y) * SEGMENT_TILE + tx;
+    u_tile[ty][tx] = (row >= 0 && pu < P) ? to_float(u[row * u_s0 + pu * u_s1]) : 0.0f;
+    float vv = (row >= 0 && q < Q) ? to_float(v[row * v_s0 + q * v_s1]) : 0.0f;
+    if (has_dropout && row >= 0 && q < Q && !drop.keep(row, q)) vv = 0.0f;
+    v_tile[ty][tx] = vv;
+    __syncthreads();
+    for (int j = 0; j < SEGMENT_TILE; ++j) acc = fmaf(u_tile[j][ty], v_tile[j][tx], acc);
+  }
+  if (p < P && q < Q) out[slot * out_s0 + p * out_s1 + q * out_s2] = has_dropout ? acc * drop.inv_keep : acc;
+}
+
 }  // namespace
+
+void multi_lora_segment_grad(int u_dtype, int v_dtype, int64_t M, int64_t P, int64_t Q, int64_t capacity,
+                             uintptr_t u, int64_t u_s0, int64_t u_s1, uintptr_t v, int64_t v_s0, int64_t v_s1,
+                             uintptr_t sorted_rows, uintptr_t slot_rows, uint32_t seed, double p, uintptr_t out,
+                             int64_t out_s0, int64_t out_s1, int64_t out_s2, uintptr_t stream) {
+  check_dtype(u_dtype, "multi_lora_segment_grad");
+  check_dtype(v_dtype, "multi_lora_segment_grad");
+  require(M >= 0 && P >= 0 && Q >= 0 && capacity >= 0, "multi_lora_segment_grad: negative size");
+  require(p >= 0.0 && p < 1.0, "multi_lora_segment_grad: p must be in [0, 1)");
+  require(cdiv(P, SEGMENT_TILE) <= 65535 && cdiv(Q, SEGMENT_TILE) <= 65535 && capacity <= 2147483647LL,
+          "multi_lora_segment_grad: P, Q or capacity too large");
+  if (capacity == 0 || P == 0 || Q == 0) return;
+  const dim3 grid(static_cast<unsigned>(capacity), static_cast<unsigned>(cdiv(P, SEGMENT_TILE)),
+                  static_cast<unsigned>(cdiv(Q, SEGMENT_TILE)));
+  const bool has_dropout = p > 0.0;
+  const Dropout drop = make_dropout(seed, has_dropout ? p : 0.0, Q);
+  dispatch_dtype(u_dtype, [&](auto u_tag) {
+    dispatch_dtype(v_dtype, [&](auto v_tag) {
+      using TU = decltype(u_tag);
+      using TV = decltype(v_tag);
+      multi_lora_segment_grad_kernel<TU, TV><<<grid, SEGMENT_TILE * SEGMENT_TILE, 0, as_stream(stream)>>>(
+          M, P, Q, capacity, reinterpret_cast<const TU*>(u), u_s0, u_s1, reinterpret_cast<const TV*>(v), v_s0, v_s1,
+          reinterpret_cast<const int32_t*>(sorted_rows), reinterpret_cast<const int32_t*>(slot_rows), has_dropout,
+          drop, reinterpret_cast<float*>(out), out_s0, out_s1, out_s2);
+    });
+  });
+  check_launch("multi_lora_segment_grad_kernel");
+}
 
 void multi_lora_shrink(int dtype, int64_t M, int64_t K, int64_t capacity, int64_t max_rank, uintptr_t x,
                        int64_t x_s0, int64_t x_s1, uintptr_t a, int64_t a_s0, int64_t a_s1, int64_t a_s2,

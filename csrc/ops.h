@@ -68,4 +68,12 @@ void multi_lora_expand(int dtype, int64_t M, int64_t N, int64_t capacity, int64_
                        uintptr_t row_slot, uintptr_t row_rank, uintptr_t dora_slots, uintptr_t g, int64_t g_s0,
                        int64_t g_s1, uintptr_t bias, uintptr_t y, int64_t y_s0, int64_t y_s1, uintptr_t stream);
 
+// Segmented weight gradient (training): out [capacity, P, Q] float32, per slot i the sum over its segment
+// [slot_rows[i, 0], slot_rows[i, 1]) of sorted_rows of u[row, p] * drop(v)[row, q] (p > 0: the dropout mask of an
+// [M, Q] v, kept entries times 1 / (1 - p)); u and v each float32 or of one 16-bit dtype. Deterministic, no atomics.
+void multi_lora_segment_grad(int u_dtype, int v_dtype, int64_t M, int64_t P, int64_t Q, int64_t capacity,
+                             uintptr_t u, int64_t u_s0, int64_t u_s1, uintptr_t v, int64_t v_s0, int64_t v_s1,
+                             uintptr_t sorted_rows, uintptr_t slot_rows, uint32_t seed, double p, uintptr_t out,
+                             int64_t out_s0, int64_t out_s1, int64_t out_s2, uintptr_t stream);
+
 }  // namespace lowrank

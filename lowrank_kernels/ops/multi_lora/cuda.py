@@ -1,5 +1,11 @@
-"""The multi-adapter gather matmul on the CUDA C++ extension (interface and math: ``naive.py``): cuBLAS for the base
-GEMM, then per-row gather shrink and expand kernels (``csrc/multi_lora.cu``) with in-kernel slot skipping."""
+"""The multi-adapter gather matmul's primitives on the CUDA C++ extension (interface and math: ``naive.py``).
+
+cuBLAS for the base GEMM (in ``op.py``), then per-row gather shrink and expand kernels (``csrc/multi_lora.cu``) with
+in-kernel slot skipping, and for training the segmented weight gradient kernel (one block per output tile of one
+adapter, walking that adapter's rows once: deterministic). Dropout on the shrink's input goes through the
+extension's ``dropout_combine`` (x with its dropped entries zeroed, exact; the keep factor on the fp32 result); the
+DoRA training epilogues (``z``, peft's dropout form) and the backward's masked ``dx`` term are elementwise on the
+expand kernel's low-rank product."""
 
 from __future__ import annotations
 
@@ -7,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..._cuda_ext import check_inputs, code, ptr, runtime, vector
+from ..._cuda_ext import check_inputs, code, dropout_combine, ptr, runtime, vector
+from ..lora.naive import keep_factor
+from .naive import BatchTensors, dora_epilogue
 
 
 def check_metadata(M: int, device: torch.device, **tensors: tuple[Tensor, torch.dtype, int]) -> None:
@@ -53,3 +61,94 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_sl
        g=magnitude_scale.data_ptr(), g_s0=magnitude_scale.stride(0), g_s1=magnitude_scale.stride(1),
        bias=ptr(bias32), y=y.data_ptr(), y_s0=y.stride(0), y_s1=y.stride(1))  # fmt: skip
     return y
+
+
+# ---- the primitives op.py's orchestration runs on (naive.py's interface) ----------------------------------------
+
+
+def _shrink_launch(x: Tensor, a: Tensor, meta: BatchTensors, t: Tensor) -> None:
+    n_slots, R, K = a.shape
+    rt = runtime(x.device)
+    rt("multi_lora_shrink", dtype=code(x), M=x.shape[0], K=K, capacity=n_slots, max_rank=R, x=x.data_ptr(),
+       x_s0=x.stride(0), x_s1=x.stride(1), a=a.data_ptr(), a_s0=a.stride(0), a_s1=a.stride(1), a_s2=a.stride(2),
+       row_slot=meta.row_slot.data_ptr(), row_rank=meta.row_rank.data_ptr(), row_scale=meta.row_scale.data_ptr(),
+       t=t.data_ptr(), t_s0=t.stride(0), t_s1=t.stride(1))  # fmt: skip
+
+
+def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
+    """t [M, R] float32 = s_t drop(x[t]) a[i_t, :b_t]^T, zero past b_t and on rows without adapter."""
+    if a.dtype != x.dtype:
+        a = a.to(x.dtype)
+    check_inputs(x.dtype, x.device, x=x, a=a)
+    M = x.shape[0]
+    t = torch.zeros(M, a.shape[1], device=x.device, dtype=torch.float32)
+    if M == 0:
+        return t
+    if p_drop > 0.0:
+        dropped = torch.empty_like(x)
+        dropout_combine(None, x, dropped, scale_kept=False, p=p_drop, seed=seed)
+        _shrink_launch(dropped, a, meta, t)
+        return t * keep_factor(p_drop)
+    _shrink_launch(x, a, meta, t)
+    return t
+
+
+def _expand_launch(y: Tensor, t: Tensor, u: Tensor, meta: BatchTensors, g: Tensor, dora_slots: Tensor,
+                   bias: Tensor | None) -> None:  # fmt: skip
+    M, N = y.shape
+    n_slots, _, R = u.shape
+    bias32 = vector(bias, N, "bias")
+    runtime(y.device)("multi_lora_expand", dtype=code(y), M=M, N=N, capacity=n_slots, max_rank=R, t=t.data_ptr(),
+                      t_s0=t.stride(0), t_s1=t.stride(1), b=u.data_ptr(), b_s0=u.stride(0), b_s1=u.stride(1),
+                      b_s2=u.stride(2), row_slot=meta.row_slot.data_ptr(), row_rank=meta.row_rank.data_ptr(),
+                      dora_slots=dora_slots.data_ptr(), g=g.data_ptr(), g_s0=g.stride(0), g_s1=g.stride(1),
+                      bias=ptr(bias32), y=y.data_ptr(), y_s0=y.stride(0), y_s1=y.stride(1))  # fmt: skip
+
+
+def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None, bias=None, yd=None,
+                   save_z=False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """(y + low, z | None) as ``naive.segment_expand``; the serving forms update y in place."""
+    if u.dtype != y.dtype:
+        u = u.to(y.dtype)
+    check_inputs(y.dtype, y.device, y=y, u=u)
+    M, N = y.shape
+    n_slots = u.shape[0]
+    t = t.to(torch.float32)
+    if M == 0:
+        return y, (torch.zeros_like(y) if save_z else None)
+    no_dora = torch.zeros(n_slots, dtype=torch.int32, device=y.device)
+    ones = torch.ones(n_slots, N, dtype=torch.float32, device=y.device)
+    serving = p_drop == 0.0 and yd is None and not save_z
+    if serving:  # the kernel's own epilogue: y += low, DoRA slots g (y - bias + low) + bias
+        g, dora_slots = dora if dora is not None else (ones, no_dora)
+        _expand_launch(y, t, u, meta, g.to(torch.float32), dora_slots, bias if dora is not None else None)
+        return y, None
+    low = torch.zeros_like(y)
+    _expand_launch(low, t, u, meta, ones, no_dora, None)
+    if dora is None:
+        if p_drop > 0.0:  # the backward's dx: y + drop'(low)
+            dropout_combine(y, low, y, scale_kept=True, p=p_drop, seed=seed)
+            return y, (torch.zeros_like(y) if save_z else None)
+        return y.add_(low), (torch.zeros_like(y) if save_z else None)
+    g, dora_slots = dora
+    idx = meta.row_slot.long().clamp_min(0)
+    is_dora = ((meta.row_slot >= 0) & (dora_slots.long()[idx] != 0)).unsqueeze(-1)
+    out, z = dora_epilogue(y.float(), low.float(), torch.where(is_dora, g[idx].float(), 1.0), is_dora, bias,
+                           None if yd is None else yd.float())  # fmt: skip
+    return out.to(y.dtype), (z.to(y.dtype) if save_z else None)
+
+
+def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int, *, p_drop: float = 0.0,
+                        seed: int = 0) -> Tensor:  # fmt: skip
+    """[capacity, P, Q] float32 per slot ``sum over its rows of u[t]^T drop(v[t])`` (``csrc``'s segment_grad)."""
+    check_inputs(u.dtype, u.device, u=u)
+    check_inputs(v.dtype, u.device, v=v)
+    M, P = u.shape
+    Q = v.shape[1]
+    out = torch.empty(capacity, P, Q, device=u.device, dtype=torch.float32)
+    runtime(u.device)("multi_lora_segment_grad", u_dtype=code(u), v_dtype=code(v), M=M, P=P, Q=Q, capacity=capacity,
+                      u=u.data_ptr(), u_s0=u.stride(0), u_s1=u.stride(1), v=v.data_ptr(), v_s0=v.stride(0),
+                      v_s1=v.stride(1), sorted_rows=meta.sorted_rows.data_ptr(), slot_rows=meta.slot_rows.data_ptr(),
+                      seed=int(seed) & 0xFFFFFFFF, p=float(p_drop), out=out.data_ptr(), out_s0=out.stride(0),
+                      out_s1=out.stride(1), out_s2=out.stride(2))  # fmt: skip
+    return out

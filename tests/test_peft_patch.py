@@ -411,3 +411,31 @@ def test_inputs_of_another_dtype_run_on_peft(fused_calls):
     assert fused_calls["lora"] == 0
     layer(x.float())
     assert fused_calls["lora"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peft's own argument names on our modules.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [lowrank_kernels.LoRALinear, lowrank_kernels.DoRALinear])
+def test_lora_and_dora_modules_accept_peft_argument_names(cls):
+    peft_named = cls.from_linear(nn.Linear(8, 6), 4, lora_alpha=16, lora_dropout=0.1, use_rslora=True)
+    ours = cls.from_linear(nn.Linear(8, 6), 4, alpha=16, dropout=0.1, rslora=True)
+    for layer in (peft_named, ours, cls(8, 6, 4, lora_alpha=16, lora_dropout=0.1, use_rslora=True)):
+        assert (layer.lora_alpha, layer.lora_dropout, layer.use_rslora) == (16.0, 0.1, True)
+        assert layer.scaling == 16 / 2  # rsLoRA: alpha / sqrt(r)
+    default = cls(8, 6, 4)
+    assert (default.lora_alpha, default.lora_dropout, default.use_rslora) == (8.0, 0.0, False)
+    with pytest.raises(TypeError, match="both alpha=16 and peft's lora_alpha=16"):
+        cls.from_linear(nn.Linear(8, 6), 4, alpha=16, lora_alpha=16)
+    with pytest.raises(TypeError, match="use_rslora"):
+        cls(8, 6, 4, rslora=True, use_rslora=False)
+
+
+def test_adalora_module_accepts_peft_argument_names():
+    layer = lowrank_kernels.AdaLoRALinear.from_linear(nn.Linear(8, 6), 4, lora_alpha=3, lora_dropout=0.2)
+    assert (layer.lora_alpha, layer.lora_dropout, layer.scaling) == (3.0, 0.2, 3.0)
+    assert lowrank_kernels.AdaLoRALinear(8, 6, 4, lora_dropout=0.1).lora_dropout == 0.1
+    with pytest.raises(TypeError, match="lora_dropout"):
+        lowrank_kernels.AdaLoRALinear(8, 6, 4, dropout=0.1, lora_dropout=0.1)

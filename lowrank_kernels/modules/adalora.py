@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.lora.op import dropout_mask, lora_linear
-from .lora import linear_layout
+from .lora import linear_layout, peft_alias
 from .merge import DeltaMerge
 
 __all__ = ["AdaLoRALinear"]
@@ -92,6 +92,11 @@ class _MaskedLambdaGrad(torch.autograd.Function):
         return grad_y, None, dQ, dP, d_lambda.to(e_dtype), None, None, None, None
 
 
+def _adalora_args(alpha, dropout, lora_alpha, lora_dropout) -> tuple[float, float]:
+    return (peft_alias("alpha", alpha, "lora_alpha", lora_alpha, 8.0),
+            peft_alias("dropout", dropout, "lora_dropout", lora_dropout, 0.0))  # fmt: skip
+
+
 class AdaLoRALinear(DeltaMerge, nn.Module):
     """``y = x W0^T + bias + s' * (drop(x) (Q * (lambda * keep))^T) P^T`` with a frozen ``W0`` (peft's ``SVDLinear``).
 
@@ -108,24 +113,39 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
         in_features: int,
         out_features: int,
         r: int,
-        alpha: float = 8.0,
-        dropout: float = 0.0,
+        alpha: float | None = None,
+        dropout: float | None = None,
         bias: bool = True,
         device=None,
         dtype=None,
+        *,
+        lora_alpha: float | None = None,
+        lora_dropout: float | None = None,
     ) -> None:
+        """alpha (default 8) and dropout (default 0) may be given by peft's names ``lora_alpha``, ``lora_dropout``."""
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init(base, r, alpha, dropout)
+        self._init(base, r, *_adalora_args(alpha, dropout, lora_alpha, lora_dropout))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, alpha: float = 8.0, dropout: float = 0.0) -> AdaLoRALinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        *,
+        lora_alpha: float | None = None,
+        lora_dropout: float | None = None,
+    ) -> AdaLoRALinear:
         """Wrap ``linear``'s weight and bias (shared, not copied) and freeze them. Defaults are peft's
-        (``AdaLoraConfig``: ``lora_alpha=8``, ``lora_dropout=0.0``); ``r`` is peft's ``init_r`` (default 12 there)."""
+        (``AdaLoraConfig``: ``lora_alpha=8``, ``lora_dropout=0.0``; peft's names accepted too); ``r`` is peft's
+        ``init_r`` (default 12 there)."""
+        args = _adalora_args(alpha, dropout, lora_alpha, lora_dropout)
         linear_layout(linear)  # an nn.Linear or a transformers Conv1D (weight [in, out], read transposed)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._init(linear, r, alpha, dropout)
+        self._init(linear, r, *args)
         return self
 
     def _init(self, linear: nn.Linear, r: int, alpha: float, dropout: float) -> None:

@@ -39,6 +39,21 @@ def is_conv1d(layer: nn.Module) -> bool:
     return isinstance(layer, Conv1D) and type(layer).forward is Conv1D.forward
 
 
+def peft_alias(name: str, value, peft_name: str, peft_value, default):
+    """One argument given under our name (``alpha``) or peft's (``lora_alpha``), not both; ``default`` if neither."""
+    if peft_value is None:
+        return default if value is None else value
+    if value is not None:
+        raise TypeError(f"got both {name}={value!r} and peft's {peft_name}={peft_value!r}; pass one of them")
+    return peft_value
+
+
+def _lora_args(alpha, dropout, rslora, lora_alpha, lora_dropout, use_rslora) -> tuple[float, float, bool]:
+    return (peft_alias("alpha", alpha, "lora_alpha", lora_alpha, 8.0),
+            peft_alias("dropout", dropout, "lora_dropout", lora_dropout, 0.0),
+            peft_alias("rslora", rslora, "use_rslora", use_rslora, False))  # fmt: skip
+
+
 class LoRALinear(DeltaMerge, nn.Module):
     """``y = x W0^T + bias + (alpha / b) * (drop(x) A[:b]^T) B[:, :b]^T`` with a frozen ``W0`` and active rank ``b``.
 
@@ -57,27 +72,43 @@ class LoRALinear(DeltaMerge, nn.Module):
         in_features: int,
         out_features: int,
         r: int,
-        alpha: float = 8.0,
-        dropout: float = 0.0,
-        rslora: bool = False,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        rslora: bool | None = None,
         bias: bool = True,
         device=None,
         dtype=None,
+        *,
+        lora_alpha: float | None = None,
+        lora_dropout: float | None = None,
+        use_rslora: bool | None = None,
     ) -> None:
+        """alpha (default 8), dropout (default 0) and rslora (default False) may be given by peft's names
+        ``lora_alpha``, ``lora_dropout``, ``use_rslora`` instead."""
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init(base, r, alpha, dropout, rslora)
+        self._init(base, r, *_lora_args(alpha, dropout, rslora, lora_alpha, lora_dropout, use_rslora))
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, r: int, alpha: float = 8.0, dropout: float = 0.0, rslora: bool = False
+        cls,
+        linear: nn.Linear,
+        r: int,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        rslora: bool | None = None,
+        *,
+        lora_alpha: float | None = None,
+        lora_dropout: float | None = None,
+        use_rslora: bool | None = None,
     ) -> LoRALinear:
         """Wrap ``linear``'s weight and bias (shared, not copied) and freeze them; ``linear``: an ``nn.Linear`` or a
-        transformers ``Conv1D``."""
+        transformers ``Conv1D``. alpha (default 8), dropout (default 0), rslora (default False): or peft's names."""
+        args = _lora_args(alpha, dropout, rslora, lora_alpha, lora_dropout, use_rslora)
         linear_layout(linear)  # TypeError before anything is built
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._init(linear, r, alpha, dropout, rslora)
+        self._init(linear, r, *args)
         return self
 
     def _init(self, linear: nn.Linear, r: int, alpha: float, dropout: float, rslora: bool) -> None:

@@ -14,10 +14,12 @@ on backend "cuda" there too: ``helpers.kernel_backends`` includes it when the ex
 """
 
 import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +117,43 @@ def test_importing_the_package_loads_no_extension():
     code = (f"import sys, {modules}, lowrank_kernels.ops.lora.cuda, lowrank_kernels.ops.dora.cuda; "
             "sys.exit('lowrank_kernels._C' in sys.modules)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def _setup_module():
+    """The repository's setup.py as a module (its setup() call runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("lowrank_setup", Path(__file__).resolve().parent.parent / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PTXAS_SAMPLE = """\
+ptxas info    : Compiling entry function '_ZN7lowrank12_GLOBAL__N_111gemm_kernelIfffEEvNS0_8GemmArgsE' for 'sm_80'
+ptxas info    : Function properties for _ZN7lowrank12_GLOBAL__N_111gemm_kernelIfffEEvNS0_8GemmArgsE
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 62 registers, used 1 barriers, 8320 bytes smem, 552 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_90'
+ptxas info    : Function properties for _Z6kernelPf
+    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers
+"""
+
+
+def test_the_build_reads_ptxas_resource_usage_and_flags_spills():
+    """setup.py's report (the build fails on its spills): one row per kernel and arch, names demangled when
+    c++filt is there; PTX of the newest plain arch is embedded beside each arch's SASS."""
+    build = _setup_module()
+    rows = build.parse_resource_usage(PTXAS_SAMPLE)
+    assert [(r["arch"], r["registers"], r["spill_stores"], r["spill_loads"], r["stack"], r["smem"]) for r in rows] == [
+        ("sm_80", 62, 0, 0, 0, 8320),
+        ("sm_90", 255, 16, 8, 24, 0),
+    ]
+    if shutil.which("c++filt"):
+        assert [r["kernel"] for r in rows] == ["gemm_kernel<float, float, float>", "kernel"]
+    line, spills = build.resource_summary(rows)
+    assert spills == [f"{rows[1]['kernel']} on sm_90"] and "62-255 registers, 1 spill" in line
+    sass, ptx = "-gencode=arch=compute_{0},code=sm_{0}", "-gencode=arch=compute_{0},code=compute_{0}"
+    assert build.gencode_flags("80;90") == [sass.format(80), sass.format(90), ptx.format(90)]
 
 
 # ---- dispatch: why the backend cannot run ------------------------------------------------------------------------

@@ -251,10 +251,11 @@ def modules_to_save_names(model: nn.Module, modules_to_save: Collection[str] | N
 
 
 def _freeze_all_but_adapters(model: nn.Module, bias: str = "none") -> None:
-    """peft's ``_mark_only_adapters_as_trainable``: adapters train; ``bias="all"``: every parameter named ``*bias*``
+    """peft's ``_mark_only_adapters_as_trainable``: adapters train; ``bias="all"``: every parameter named ``*.bias``
     too, ``"lora_only"``: the biases of the adapter layers; a ``ModulesToSave`` copy trains, its original does not."""
     for name, p in model.named_parameters():
-        p.requires_grad_(any(part in _TRAINABLE for part in name.split(".")) or (bias == "all" and "bias" in name))
+        is_bias = name == "bias" or name.endswith(".bias")
+        p.requires_grad_(any(part in _TRAINABLE for part in name.split(".")) or (bias == "all" and is_bias))
     if bias == "lora_only":
         for _, layer in adapter_layers(model):
             if layer.bias is not None:

@@ -32,6 +32,7 @@ set that differs from the modules the file has weights for. Nothing is changed i
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -401,7 +402,7 @@ def _plan_extras(adapter: _Adapter, model: nn.Module, targets: list[str], saved:
 
     * ``<m>.<rest>`` with ``<m>`` a ``modules_to_save`` module: its trainable copy (``("copy", m, rest, t)``); peft's
       raw ``<m>.modules_to_save.<adapter>.<rest>`` too, and ``<m>.original_module.<rest>`` the original module;
-    * with ``bias`` "all" / "lora_only", a name holding ``bias``: that base parameter, ``<m>.base_layer.<p>`` of a
+    * with ``bias`` "all" / "lora_only", a ``*.bias``: that base parameter, ``<m>.base_layer.<p>`` of a
       targeted module being its ``<m>.<p>`` (``("base", parameter, t)``, the Parameter the adapter layer shares).
 
     Anything else, or a name the model lacks or a shape it does not have, raises ValueError.
@@ -415,10 +416,12 @@ def _plan_extras(adapter: _Adapter, model: nn.Module, targets: list[str], saved:
             rest = key[len(owner) + 1 :]
             if rest.startswith("original_module."):
                 name, where = f"{owner}.{rest.removeprefix('original_module.')}", "base"
-            else:
-                rest = re.sub(r"^modules_to_save\.[^.]+\.", "", rest)
+            else:  # peft's raw name keeps modules_to_save.<adapter>, without the adapter when it was 2nd to last
+                rest = rest.removeprefix("modules_to_save.")
+                if f"{owner}.{rest}" not in base and "." in rest:
+                    rest = rest.split(".", 1)[1]
                 name, where = f"{owner}.{rest}", "copy"
-        elif adapter.bias != "none" and "bias" in key:
+        elif adapter.bias != "none" and key.endswith(".bias"):
             module, sep, param = key.partition(_BASE_LAYER)
             name = f"{module}.{param}" if sep and module in targeted else key
             owner, rest, where = None, None, "base"
@@ -434,7 +437,7 @@ def _plan_extras(adapter: _Adapter, model: nn.Module, targets: list[str], saved:
         plan.append(("copy", owner, rest, tensor) if where == "copy" else ("base", base[name], tensor))
     if unexpected:
         hint = ""
-        if adapter.bias == "none" and any("bias" in k for k in unexpected):
+        if adapter.bias == "none" and any(k.endswith(".bias") for k in unexpected):
             hint = " (bias tensors in a file whose config says bias='none')"
         keys = [KEY_PREFIX + k for k in unexpected]
         raise ValueError(f"{adapter.where}: unexpected tensors for a {adapter.kind} adapter: {_show(keys)} "
@@ -548,6 +551,42 @@ def _training_schedule(adalora_config) -> dict:
     return fields
 
 
+@contextlib.contextmanager
+def _one_adapter_of_pools(model: nn.Module, adapter_name: str):
+    """Within the block, every ``MultiLoRALinear`` of ``model`` is a ``LoRALinear`` / ``DoRALinear`` holding pool
+    adapter ``adapter_name`` (a copy in peft's layout, on the shared frozen base), or its bare base layer where that
+    adapter has no weights; the pools are put back on exit. What ``save_peft_adapter(adapter_name=...)`` saves."""
+    from ..modules.lora import LoRALinear
+
+    layers = multi_lora_layers(model)
+    if not layers:
+        raise ValueError(f"adapter_name={adapter_name!r} selects one adapter of MultiLoRALinear pools, but model "
+                         f"({type(model).__name__}) has none")  # fmt: skip
+    if not any(adapter_name in m.pool for _, m in layers):
+        raise KeyError(f"no MultiLoRALinear pool of the model holds an adapter named {adapter_name!r}")
+    swapped = []
+    try:
+        for n, m in layers:
+            base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            base.weight, base.bias = m.weight, m.bias
+            single = base
+            if adapter_name in m.pool:
+                w = m.pool.weights(adapter_name)
+                cls = LoRALinear if w.magnitude is None else DoRALinear
+                single = cls.from_linear(base, w.lora_A.shape[0], alpha=w.alpha, dropout=m.dropout, rslora=w.rslora)
+                with torch.no_grad():
+                    single.lora_A.weight.copy_(w.lora_A)
+                    single.lora_B.weight.copy_(w.lora_B)
+                    if w.magnitude is not None:
+                        single.lora_magnitude_vector.copy_(w.magnitude)
+            model.set_submodule(n, single)
+            swapped.append((n, m))
+        yield
+    finally:
+        for n, m in swapped:
+            model.set_submodule(n, m)
+
+
 def save_peft_adapter(
     model: nn.Module,
     path,
@@ -556,6 +595,7 @@ def save_peft_adapter(
     adalora_config=None,
     bias: str = "none",
     task_type: str | None = None,
+    adapter_name: str | None = None,
 ) -> list[str]:
     """Write the adapters of a model wrapped by ``inject_adapters`` as a peft adapter directory; returns the modules.
 
@@ -567,10 +607,16 @@ def save_peft_adapter(
     boolean ``rank_pattern`` of the layers' masks, as peft does; ``adalora_config`` (our ``AdaLoRAConfig``, a
     ``RankAllocator`` or peft's ``AdaLoraConfig``) supplies the schedule fields (default: peft's, ``total_step=1``).
     One kind per model (rsLoRA, dropout and, for AdaLoRA, r and alpha uniform): peft's config holds one of each.
-    ``bias`` (what ``inject_adapters`` was given: "all" writes every ``*bias*`` tensor, "lora_only" the wrapped
+    ``bias`` (what ``inject_adapters`` was given: "all" writes every ``*.bias`` tensor, "lora_only" the wrapped
     layers' biases, as peft names them) and ``task_type`` go into the config; every ``ModulesToSave`` copy is
     written under its module's name and listed in ``modules_to_save``, as peft writes them.
+    ``adapter_name``: write that one adapter of the model's ``MultiLoRALinear`` pools (e.g. one job of a mixed-batch
+    training run) instead; layers whose pool lacks it are left out of the file.
     """
+    if adapter_name is not None:  # one adapter of a model's MultiLoRALinear pools (trained in mixed batches)
+        with _one_adapter_of_pools(model, adapter_name):
+            return save_peft_adapter(model, path, base_model_name_or_path=base_model_name_or_path,
+                                     adalora_config=adalora_config, bias=bias, task_type=task_type)  # fmt: skip
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     layers = adapter_layers(model)
@@ -673,7 +719,7 @@ def save_peft_adapter(
 
 def _peft_biases(model: nn.Module, bias: str) -> dict[str, Tensor]:
     """The bias tensors peft's ``get_peft_model_state_dict`` writes, under peft's live names (an adapter layer's own
-    parameters sit below ``base_layer`` there): "all": every state-dict entry whose name holds ``bias``
+    parameters sit below ``base_layer`` there): "all": every state-dict entry named ``*.bias``
     (``ModulesToSave`` entries included, under both their names, as peft does), "lora_only": the wrapped layers'."""
     if bias == "none":
         return {}
@@ -684,9 +730,18 @@ def _peft_biases(model: nn.Module, bias: str) -> dict[str, Tensor]:
         peft_key = f"{module}.base_layer.{param}" if module in layers and param in ("weight", "bias") else key
         if "lora_" in peft_key:
             continue
-        if bias == "all" and "bias" in peft_key or bias == "lora_only" and module in layers and param == "bias":
-            out[peft_key] = t.detach().to("cpu", copy=True).contiguous()
+        if bias == "all" and peft_key.endswith(".bias") or bias == "lora_only" and module in layers and param == "bias":
+            out[_without_adapter_name(peft_key)] = t.detach().to("cpu", copy=True).contiguous()
     return out
+
+
+def _without_adapter_name(key: str, adapter_name: str = "default") -> str:
+    """peft's ``_remove_adapter_name_from_state_dict_key``: the adapter name goes when it is the last or the second
+    to last part (``head.modules_to_save.default.bias`` -> ``head.modules_to_save.bias``)."""
+    if key.endswith(f".{adapter_name}"):
+        return key.removesuffix(f".{adapter_name}")
+    head, _, last = key.rpartition(".")
+    return f"{head.removesuffix(f'.{adapter_name}')}.{last}" if head else key
 
 
 # ---- many adapters into MultiLoRALinear pools -------------------------------------------------------------------

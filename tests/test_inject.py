@@ -244,6 +244,7 @@ def test_second_injection_never_nests():
             id="bad-pattern-r",
         ),
         pytest.param(dict(target_modules=["q_proj"], dropout=1.5), ValueError, "dropout", id="bad-dropout"),
+        pytest.param(dict(target_modules=["q_proj"], bias="some"), ValueError, "bias must be one of", id="bad-bias"),
     ],
 )
 def test_errors_leave_the_model_untouched(kwargs, error, message):
@@ -252,6 +253,68 @@ def test_errors_leave_the_model_untouched(kwargs, error, message):
         inject_adapters(model, **kwargs)
     assert not adapter_layers(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+class SignLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward (as transformers' BitNet AutoBitLinear): wrapping it in an adapter
+    layer would silently compute x W^T instead."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.sign(), self.bias)
+
+
+class PlainSubclass(nn.Linear):
+    """An nn.Linear subclass that keeps nn.Linear's forward: it computes x W^T + b and can be wrapped."""
+
+
+def with_embedding_and(layer: nn.Module) -> Tiny:
+    model = tiny()
+    model.layers[0].attn.q_proj = layer.double()
+    model.embed = nn.Embedding(10, D).double()
+    return model
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda m: inject_adapters(m, ["q_proj"]), id="names"),
+        pytest.param(lambda m: inject_adapters(m, "all-linear", method="dora"), id="all-linear"),
+        pytest.param(lambda m: inject_multi_lora(m, ["q_proj", "v_proj"], capacity=2, max_rank=2), id="multi"),
+    ],
+)
+def test_a_linear_subclass_with_its_own_forward_is_refused_before_the_model_changes(call):
+    model = with_embedding_and(SignLinear(D, D))
+    with pytest.raises(TypeError, match=r"'layers.0.attn.q_proj' is a SignLinear; .*subclass with its own forward"):
+        call(model)
+    assert not adapter_layers(model) and type(model.layers[0].attn.q_proj) is SignLinear
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(TypeError, match="SignLinear is an nn.Linear subclass with its own forward"):
+        LoRALinear.from_linear(model.layers[0].attn.q_proj, r=2)
+
+
+def test_a_linear_subclass_keeping_linear_forward_is_wrapped_and_an_embedding_is_refused_in_words():
+    model = with_embedding_and(PlainSubclass(D, D))
+    assert inject_adapters(model, ["q_proj"]) == ["layers.0.attn.q_proj", "layers.1.attn.q_proj"]
+    with pytest.raises(TypeError, match="'embed' is a Embedding; .*LoRA on an nn.Embedding is not supported"):
+        inject_adapters(model, ["embed", "k_proj"])
+    assert [n for n, _ in adapter_layers(model)] == ["layers.0.attn.q_proj", "layers.1.attn.q_proj"]
+
+
+def test_layers_to_transform_and_modules_to_save():
+    model = tiny()
+    names = inject_adapters(model, ["q_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers",
+                            modules_to_save=["head"], bias="lora_only")  # fmt: skip
+    assert names == ["layers.1.attn.q_proj", "layers.1.mlp.up_proj"]
+    assert type(model.head).__name__ == "ModulesToSave" and model.head.original_module is not model.head.trainable_copy
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{p}" for n in names for p in ("lora_A.weight", "lora_B.weight", "bias")} | {
+        "head.modules_to_save.default.weight", "head.modules_to_save.default.bias"}  # fmt: skip
+    y0 = model(X)
+    with torch.no_grad():
+        model.head.trainable_copy.weight.add_(1.0)
+    assert rel_err(model(X), y0) > 1e-2  # the forward runs the copy
+    remove_adapters(model, merge=True)  # merge_and_unload keeps the trained copy
+    assert type(model.head) is nn.Linear and rel_err(model(X), tiny()(X)) > 1e-2
 
 
 # ---- remove_adapters ------------------------------------------------------------------------------------------

@@ -439,3 +439,65 @@ def test_adalora_module_accepts_peft_argument_names():
     assert lowrank_kernels.AdaLoRALinear(8, 6, 4, lora_dropout=0.1).lora_dropout == 0.1
     with pytest.raises(TypeError, match="lora_dropout"):
         lowrank_kernels.AdaLoRALinear(8, 6, 4, dropout=0.1, lora_dropout=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inject_adapters(model, peft.LoraConfig(...)) builds what peft.inject_adapter_in_model builds.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ours_key(peft_key: str) -> str:
+    """A peft layer's state-dict key as our layer names it (no adapter name, no base_layer, magnitude unwrapped)."""
+    key = peft_key.replace(".base_layer.", ".").replace(".default", "")
+    return key.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"], lora_dropout=0.1),
+        dict(r=3, lora_alpha=6, use_dora=True, target_modules="all-linear", rank_pattern={"o_proj": 2}),
+        dict(init_r=4, lora_alpha=5, target_modules=["k_proj", "down_proj"], total_step=10, adalora=True),
+    ],
+    ids=["rslora", "dora", "adalora"],
+)
+def test_inject_adapters_takes_a_peft_config_like_inject_adapter_in_model(config):
+    config = dict(config)
+    adalora = config.pop("adalora", False)
+    peft_config = (peft.AdaLoraConfig if adalora else peft.LoraConfig)(**config)
+    theirs = peft.inject_adapter_in_model(peft_config, tiny_llama(VOCAB).double())
+    ours = tiny_llama(VOCAB).double()
+    names = lowrank_kernels.inject_adapters(ours, peft_config)
+    peft_layers = [n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+    assert sorted(names) == sorted(peft_layers)
+    trainable = {ours_key(n): p for n, p in theirs.named_parameters() if p.requires_grad and "ranknum" not in n}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == set(trainable)
+    ours_params = dict(ours.named_parameters())
+    with torch.no_grad():  # peft's adapter tensors (made non-zero) into ours, then the same model twice
+        for name, p in trainable.items():
+            p.copy_(torch.randn(p.shape, dtype=p.dtype) * 0.1 + (1.0 if "magnitude" in name else 0.0))
+            ours_params[name].copy_(p)
+    theirs.eval(), ours.eval()
+    for name in names:
+        layer = ours.get_submodule(name)
+        assert layer.lora_dropout == peft_config.lora_dropout
+    ids = token_batch()
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, theirs(ids).logits) < TOL
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(lora_bias=True), "lora_bias"),
+        (dict(init_lora_weights="pissa"), "PiSSA"),
+        (dict(init_lora_weights=False), "init_lora_weights=False is not supported"),
+    ],
+)
+def test_inject_adapters_refuses_what_a_peft_config_asks_and_we_lack(config, message):
+    model = tiny_llama(VOCAB)
+    with pytest.raises(ValueError, match=message):
+        lowrank_kernels.inject_adapters(model, peft.LoraConfig(target_modules=["q_proj"], **config))
+    assert not lowrank_kernels.adapter_layers(model)
+    with pytest.raises(TypeError, match="takes its settings from the config"):
+        lowrank_kernels.inject_adapters(model, peft.LoraConfig(target_modules=["q_proj"]), r=4)

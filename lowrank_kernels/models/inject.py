@@ -297,7 +297,25 @@ def inject_adapters(
     (``DoRALinear``) or ``"adalora"`` (``AdaLoRALinear``, ``r`` is peft's ``init_r``; no rsLoRA). Per-layer ``r`` and
     ``alpha`` from ``rank_pattern`` / ``alpha_pattern`` (peft's semantics). The wrapped layers share the original
     weights (no copy). Returns the qualified names of the wrapped modules.
+
+    ``target_modules`` may instead be a peft ``LoraConfig`` / ``AdaLoraConfig`` (then no other argument): the model
+    gets what ``peft.inject_adapter_in_model`` would build, or a ValueError naming what we do not support.
     """
+    from .peft_patch import inject_arguments, is_peft_config  # peft's configs, read without importing peft here
+
+    if is_peft_config(target_modules):
+        given = dict(method=method, r=r, alpha=alpha, dropout=dropout, rslora=rslora, rank_pattern=rank_pattern,
+                     alpha_pattern=alpha_pattern, exclude_modules=exclude_modules, bias=bias,
+                     modules_to_save=modules_to_save, layers_to_transform=layers_to_transform,
+                     layers_pattern=layers_pattern, task_type=task_type)  # fmt: skip
+        if given != DEFAULT_INJECT_ARGUMENTS:
+            raise TypeError("inject_adapters(model, peft_config) takes its settings from the config; pass no others")
+        arguments = inject_arguments(target_modules)
+        inference_mode = arguments.pop("inference_mode")
+        names = inject_adapters(model, **arguments)
+        if inference_mode:  # peft's inference_mode: adapters built frozen
+            model.requires_grad_(False)
+        return names
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "adalora" and rslora:
@@ -322,6 +340,11 @@ def inject_adapters(
         model.set_submodule(name, ModulesToSave(model.get_submodule(name)))
     _freeze_all_but_adapters(model, bias)
     return names
+
+
+DEFAULT_INJECT_ARGUMENTS = dict(method="lora", r=8, alpha=8.0, dropout=0.0, rslora=False, rank_pattern=None,
+                                alpha_pattern=None, exclude_modules=None, bias="none", modules_to_save=None,
+                                layers_to_transform=None, layers_pattern=None, task_type=None)  # fmt: skip
 
 
 def _swap_in(model: nn.Module, names: list[str], build) -> None:

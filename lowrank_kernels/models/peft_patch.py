@@ -294,3 +294,52 @@ def unpatch_peft_model(model: nn.Module) -> list[str]:
 def is_patched(module: nn.Module) -> bool:
     """Whether ``patch_peft_model`` patched this peft layer."""
     return PATCH_ATTR in module.__dict__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peft configs for inject_adapters: ``inject_adapters(model, peft.LoraConfig(...))``.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_peft_config(obj) -> bool:
+    """A peft ``LoraConfig`` / ``AdaLoraConfig`` (any ``PeftConfig``), recognised without importing peft."""
+    return hasattr(obj, "peft_type") and callable(getattr(obj, "to_dict", None))
+
+
+def inject_arguments(config) -> dict:
+    """``inject_adapters`` keyword arguments that build what ``peft.inject_adapter_in_model(config, model)`` builds
+    (LoRA, rsLoRA, DoRA, AdaLoRA; target selection, bias, modules_to_save, per-layer patterns), plus
+    ``inference_mode``. ValueError naming, in words, every config field that would give other numbers than peft's
+    (the same rules ``load_peft_adapter`` applies to an adapter file), and the initialisations we do not draw."""
+    from pathlib import Path
+
+    from .peft_compat import _config_kind  # one list of supported peft fields, shared with the adapter loader
+
+    fields = config.to_dict()
+    what = type(config).__name__
+    try:
+        kind = _config_kind(fields, Path(what))
+    except ValueError as e:  # drop the loader's file path from the message: this is a config object
+        raise ValueError(f"{what}: {str(e).split(': ', 1)[1]}") from None
+    if fields.get("init_lora_weights", True) is not True:
+        raise ValueError(f"{what}: init_lora_weights={fields['init_lora_weights']!r} is not supported by "
+                         "inject_adapters, which initialises as peft's default (init_lora_weights=True: A random, "
+                         "B zero)")  # fmt: skip
+    arguments = dict(
+        target_modules=fields["target_modules"], exclude_modules=fields.get("exclude_modules"), method=kind,
+        alpha=float(fields.get("lora_alpha", 8)), dropout=float(fields.get("lora_dropout") or 0.0),
+        bias=fields.get("bias", "none"), modules_to_save=fields.get("modules_to_save") or None,
+        layers_to_transform=fields.get("layers_to_transform"), layers_pattern=fields.get("layers_pattern"),
+        task_type=None if fields.get("task_type") is None else str(fields["task_type"]),
+    )  # fmt: skip
+    if kind == "adalora":
+        if fields.get("rank_pattern"):
+            raise ValueError(f"{what}: rank_pattern is a trained AdaLoRA's allocation; load that adapter with "
+                             "load_peft_adapter instead")  # fmt: skip
+        arguments.update(r=int(fields.get("init_r", 12)))
+    else:
+        arguments.update(r=int(fields.get("r", 8)), rslora=bool(fields.get("use_rslora", False)),
+                         rank_pattern=fields.get("rank_pattern") or None,
+                         alpha_pattern=fields.get("alpha_pattern") or None)  # fmt: skip
+    arguments["inference_mode"] = bool(fields.get("inference_mode", False))
+    return arguments

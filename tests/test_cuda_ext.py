@@ -25,7 +25,14 @@ import pytest
 import torch
 from helpers import DEVICE, HAS_CUDA, REL_TOL, make_lora_inputs, rel_err
 
-from lowrank_kernels import BackendUnavailableError, available_backends, lora_linear, use_backend
+from lowrank_kernels import (
+    AdapterBatch,
+    AdapterPool,
+    BackendUnavailableError,
+    available_backends,
+    lora_linear,
+    use_backend,
+)
 from lowrank_kernels import _cuda_ext as cuda_ext
 from lowrank_kernels import backend as backend_mod
 from lowrank_kernels.ops.dora import cuda as dora_cuda
@@ -33,6 +40,8 @@ from lowrank_kernels.ops.dora import naive as dora_naive
 from lowrank_kernels.ops.dora.op import dora_linear, dora_weight_norm
 from lowrank_kernels.ops.lora import cuda as lora_cuda
 from lowrank_kernels.ops.lora import naive as lora_naive
+from lowrank_kernels.ops.multi_lora import cuda as multi_lora_cuda
+from lowrank_kernels.ops.multi_lora.op import multi_lora_linear
 
 
 def _extension_or_none():
@@ -184,17 +193,20 @@ def test_the_runtime_refuses_cpu_tensors():
 # ---- the Python plumbing of every primitive, on CPU: a recording runtime over the real bindings -------------------
 
 
+SIZE_ARGUMENTS = ("M", "N", "K", "P", "Q", "capacity")  # any one at 0 makes a binding return after its checks
+
+
 class RecordingRuntime:
     """Stands in for ``_cuda_ext.Runtime`` on CPU tensors: records each launch ``(binding, kwargs)`` and makes it on
-    the real binding with its sizes (M, N, K) set to 0, so the C++ checks every argument and launches nothing.
-    Outputs stay as the primitive allocated them: these tests check plumbing, never values."""
+    the real binding with its sizes (``SIZE_ARGUMENTS``) set to 0, so the C++ checks every argument and launches
+    nothing. Outputs stay as the primitive allocated them: these tests check plumbing, never values."""
 
     def __init__(self, calls: list) -> None:
         self.calls = calls
 
     def __call__(self, fn: str, **kwargs) -> None:
         self.calls.append((fn, kwargs))
-        sizes = {name: 0 for name in ("M", "N", "K") if name in kwargs}
+        sizes = {name: 0 for name in SIZE_ARGUMENTS if name in kwargs}
         getattr(EXT, fn)(**(kwargs | sizes), stream=0)
 
 
@@ -202,7 +214,9 @@ class RecordingRuntime:
 def recorded(monkeypatch):
     """Every launch of the CUDA primitives (and ops) on CPU tensors goes to a RecordingRuntime; yields the calls."""
     calls = []
-    monkeypatch.setattr(cuda_ext, "runtime", lambda device: RecordingRuntime(calls))
+    record = lambda device: RecordingRuntime(calls)
+    monkeypatch.setattr(cuda_ext, "runtime", record)
+    monkeypatch.setattr(multi_lora_cuda, "runtime", record)  # imported by name there
     real = backend_mod.availability
     monkeypatch.setattr(
         backend_mod, "availability", lambda name, device: None if name == "cuda" else real(name, device)
@@ -384,6 +398,26 @@ def test_the_ops_run_their_cuda_primitives_end_to_end(recorded, dtype, dropout):
     names = {fn for fn, _ in recorded}
     assert lora_launches >= 5 and names >= {"gemm", "dora_norm_finish", "col_dot"}
     assert ("dropout_combine" in names and "dora_dropout_output" in names) == (dropout > 0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
+def test_multi_lora_runs_its_cuda_primitives_end_to_end(recorded, dropout):
+    """The multi-adapter op (LoRA and DoRA slots, rows without adapter), forward and backward, on its bindings."""
+    x, weight, bias, A, B = _inputs(torch.float32)
+    pool = AdapterPool(24, 20, 3, 8, trainable=True, base_weight=weight)
+    pool.add("lora", A[:4], B[:, :4], alpha=2.0)
+    pool.add("dora", A, B, alpha=2.0, magnitude=torch.rand(20) + 0.5)
+    batch = AdapterBatch.build(pool, [0, -1, 1, 0, 1, 1, -1])
+    x.requires_grad_()
+    with use_backend("cuda"):
+        y = multi_lora_linear(x, weight, bias, pool, batch, dropout=dropout, seed=3)
+        params = [x, *(p for p in pool.parameters() if p.requires_grad)]
+        grads = torch.autograd.grad(y, params, torch.ones_like(y))
+    _assert_like(y.detach(), x.new_empty(7, 20))
+    for g, p in zip(grads, params, strict=True):
+        _assert_like(g, p.detach())
+    assert {fn for fn, _ in recorded} >= {"multi_lora_shrink", "multi_lora_expand", "multi_lora_segment_grad"}
 
 
 def test_wrappers_check_what_the_extension_would_misread():

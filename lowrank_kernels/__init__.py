@@ -13,7 +13,7 @@ from .models.peft_patch import patch_peft_model, unpatch_peft_model
 from .modules.adalora import AdaLoRALinear
 from .modules.dora import DoRALinear
 from .modules.lora import LoRALinear
-from .modules.multi_lora import MultiLoRALinear, serve_batch
+from .modules.multi_lora import MultiLoRALinear, multi_lora_layers, serve_batch, train_batch
 from .modules.pool import AdapterPool
 from .ops.dora.op import dora_linear, dora_weight_norm
 from .ops.lora.op import dropout_mask, lora_linear
@@ -46,6 +46,7 @@ __all__ = [
     "load_peft_adapter",
     "load_peft_adapters_for_serving",
     "lora_linear",
+    "multi_lora_layers",
     "multi_lora_linear",
     "orth_reg",
     "patch_peft_model",
@@ -53,6 +54,7 @@ __all__ = [
     "save_peft_adapter",
     "serve_batch",
     "set_model_rank",
+    "train_batch",
     "unpatch_peft_model",
     "use_backend",
 ]

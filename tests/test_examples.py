@@ -39,3 +39,11 @@ def test_serve_mixed_batch(examples_on_path):
     import serve_mixed_batch
 
     assert serve_mixed_batch.main(["--tiny"])["max_diff"] < 1e-5
+
+
+def test_multi_job_finetune(examples_on_path):
+    import multi_job_finetune
+
+    result = multi_job_finetune.main(["--tiny"])
+    assert all(result["after"][job] < result["before"][job] for job in result["before"])  # every job learned
+    assert result["peft_max_diff"] < 1e-5 and result["serve_max_diff"] < 1e-5

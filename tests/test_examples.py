@@ -47,3 +47,12 @@ def test_multi_job_finetune(examples_on_path):
     result = multi_job_finetune.main(["--tiny"])
     assert all(result["after"][job] < result["before"][job] for job in result["before"])  # every job learned
     assert result["peft_max_diff"] < 1e-5 and result["serve_max_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_trainer_finetune(examples_on_path, dora):
+    import trainer_finetune
+
+    result = trainer_finetune.main(["--tiny", *(["--dora"] if dora else [])])
+    assert result["max_rel_diff"] < 1e-3  # float32: the patched run follows peft's loss curve
+    assert result["losses"][-1] < result["losses"][0] and "0 on peft's forward" in result["report"]

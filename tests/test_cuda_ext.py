@@ -41,6 +41,7 @@ from lowrank_kernels.ops.dora.op import dora_linear, dora_weight_norm
 from lowrank_kernels.ops.lora import cuda as lora_cuda
 from lowrank_kernels.ops.lora import naive as lora_naive
 from lowrank_kernels.ops.multi_lora import cuda as multi_lora_cuda
+from lowrank_kernels.ops.multi_lora import naive as multi_lora_naive
 from lowrank_kernels.ops.multi_lora.op import multi_lora_linear
 
 
@@ -646,3 +647,33 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     y_ref = lora_naive.lora_linear_ref(*_f64(x, weight, bias, A, B), 1.0)
     assert rel_err(y, y_ref) < REL_TOL[torch.bfloat16]
+
+
+def _corrupt_batch_case(device, dtype):
+    """A pool and per-row metadata no AdapterBatch would build: slots -5, capacity, 99; ranks above max_rank, < 0."""
+    K, N, n, R = 40, 24, 3, 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, K, generator=g).to(device, dtype)
+    weight = (torch.randn(N, K, generator=g) * K**-0.5).to(device, dtype)
+    bias = torch.randn(N, generator=g).to(device, dtype)
+    A = (torch.randn(n, R, K, generator=g) * K**-0.5).to(device, dtype)
+    B = (torch.randn(n, N, R, generator=g) * R**-0.5).to(device, dtype)
+    gscale = (torch.rand(n, N, generator=g) + 0.5).to(device)
+    dora = torch.tensor([0, 1, 0], dtype=torch.int32, device=device)
+    slot = torch.tensor([0, -5, 1, 3, 2, 99, 0], dtype=torch.int32, device=device)
+    rank = torch.tensor([8, 4, 40, 2, -3, 5, 3], dtype=torch.int32, device=device)
+    scale = torch.full((7,), 0.5, device=device)
+    served_slot = torch.where((slot < 0) | (slot >= n), -1, slot).to(torch.int32)  # what the kernels serve
+    served_rank = torch.where(served_slot >= 0, rank.clamp(0, R), 0).to(torch.int32)
+    args = (x, weight, bias, A, B, gscale, dora)
+    return args, (slot, rank, scale), (served_slot, served_rank, scale)
+
+
+@pytest.mark.gpu
+@needs_gpu_ext
+def test_gpu_multi_lora_corrupt_metadata_stays_in_bounds():
+    """Second line of defence, run under compute-sanitizer by scripts/gpu_run.sh: a slot outside [0, capacity) is a
+    row without adapter, a rank past R is R, and nothing is read outside the pool."""
+    args, given, served = _corrupt_batch_case(DEVICE, torch.float32)
+    y = multi_lora_cuda.multi_lora_forward(*args, *given, None, None, 0)
+    assert rel_err(y, multi_lora_naive.multi_lora_forward(*_f64(*args[:6]), args[6], *served)) < REL_TOL[torch.float32]

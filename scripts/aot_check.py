@@ -1,0 +1,584 @@
+#!/usr/bin/env python3
+"""Ahead-of-time compile check of every Triton kernel the launchers really launch, for sm_80 and sm_90, on a CPU.
+
+    python scripts/aot_check.py --subset            # CI: one representative per coarse class (a few minutes)
+    python scripts/aot_check.py --out sweep.md      # the whole sweep, its summary table also written to a file
+
+How it works:
+
+1. **Enumerate** (``enumerate_launches``): the ops' own orchestration (``lora_forward`` / ``lora_backward``,
+   ``dora_forward`` / ``dora_backward``, ``row_norm``, ``multi_lora_forward``) runs on the Triton primitives over
+   the shape registry ``lowrank_kernels.shapes`` (model layer shapes, M, ranks, dtypes, flags, adapter counts) with
+   tensors on torch's ``meta`` device: shapes, strides and dtypes are real, no memory is touched, torch's own ops
+   (cuBLAS' stand-in ``F.linear``, ``sum``) cost nothing. ``kernel[grid](...)`` is intercepted (``LaunchRecorder``,
+   on both ``JITFunction`` and the interpreter's ``InterpretedFunction``): it records the kernel, its arguments
+   specialised exactly as Triton's launcher would (``native_specialize_impl``: pointer alignment, integers equal to
+   1 or divisible by 16), the constexprs, grid, num_warps and num_stages, and returns without running anything.
+   Outputs stay unwritten; no launcher reads one back.
+2. **Dedup** into distinct specialisations (kernel, signature, attributes, constexprs, options).
+3. **Compile** each for ``GPUTarget("cuda", 80 | 90, 32)`` with ``triton.compile(ASTSource(...))`` (no GPU needed)
+   and read the cubin with ``cuobjdump --dump-resource-usage`` and ``cuobjdump -sass`` (Triton's bundled copy first,
+   then PATH, then /usr/local/cuda/bin): registers, local memory, spill stores/loads (STL/LDL instructions),
+   shared memory (Triton's dynamic shared memory), and the MMA family: HGMMA (wgmma, sm_90), HMMA (mma.sync) or
+   FFMA only (no tensor cores).
+
+Rules (exit status 1 if any is broken):
+
+- every specialisation compiles for both targets;
+- shared memory per block within the opt-in limit: sm_80 166912 B (163 KB), sm_90 232448 B (227 KB);
+- no register spill (no STL/LDL, no local memory) in a 16-bit specialisation (fp16 / bf16 inputs);
+- every ``tl.dot`` on 16-bit operands runs on tensor cores (HMMA or HGMMA in the SASS).
+
+float32 specialisations report their spills without failing: they run exact fp32 products (``input_precision=
+"ieee"``, FFMA), a correctness path that is never the fast one, and their tiles are not worth a second register
+budget. Per kernel the report prints grid sizes at the registry's shapes and waves on 132 SMs (an H100/H200): the
+programs divided by what 132 SMs hold at once at that kernel's registers, shared memory and warps.
+
+Importable: ``enumerate_launches``, ``distinct_specs``, ``coarse_subset``, ``compile_spec``, ``check``.
+Compiling needs ``TRITON_INTERPRET`` off (``main`` switches it off before Triton is imported); enumerating works in
+either mode, so the tests (which run under the interpreter) can call it in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "0"  # compiling needs real JITFunctions; set before Triton is imported
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from lowrank_kernels import shapes  # noqa: E402
+
+SM_COUNT = 132  # H100 SXM / H200
+SHARED_LIMIT = {80: 166912, 90: 232448}  # per-block opt-in maximum, bytes
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = {80: 167936, 90: 233472}
+MAX_WARPS_PER_SM = {80: 64, 90: 64}
+ARCHS = (80, 90)
+SIXTEEN_BIT = ("fp16", "bf16")
+SEED = 1234
+SCALE = 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Enumeration: intercept kernel[grid](...) while the ops' launch code runs on meta tensors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Spec:
+    """One distinct specialisation: what ``triton.compile`` needs, and every launch (case, grid) that selected it."""
+
+    kernel: object  # the JITFunction / InterpretedFunction
+    name: str
+    signature: dict  # {arg name: "*bf16" | "i32" | "fp32" | "constexpr" ...}
+    constexprs: dict  # {(arg index,): value}
+    attrs: dict  # {(arg index,): [["tt.divisibility", 16]]}
+    num_warps: int
+    num_stages: int
+    launches: list = field(default_factory=list)  # [(case id, (grid x, y, z))]
+
+    @property
+    def dtype(self) -> str:
+        """fp16 / bf16 when any pointer argument holds them (x, W, the adapters; t and outputs may be float32),
+        else fp32: what "a 16-bit specialisation" means in the rules."""
+        pointers = [t[1:] for t in self.signature.values() if t.startswith("*")]
+        return next((t for t in pointers if t in SIXTEEN_BIT), "fp32")
+
+    def constexpr_items(self) -> list[tuple[str, object]]:
+        names = list(self.signature)
+        return [(names[i[0]], v) for i, v in sorted(self.constexprs.items()) if not names[i[0]].endswith("_ptr")]
+
+    @property
+    def config(self) -> str:
+        """The constexprs that are flags or tiles (not the runtime integers Triton turned into constants), options."""
+        items = [f"{k}={v}" for k, v in self.constexpr_items() if k.isupper()]
+        return " ".join(items + [f"w{self.num_warps}", f"s{self.num_stages}"])
+
+    @property
+    def coarse_class(self) -> tuple:
+        """(kernel, 16-bit or not, tile shape, the flags that change the main loop, warps, stages): the subset
+        compiles one specialisation of each, its heaviest (``weight``)."""
+        main_loop = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "FUSE_SHRINK", "DROPPED_X", "HAS_DROPOUT")
+        tiles = tuple((k, v) for k, v in self.constexpr_items() if k in main_loop)
+        return (self.name, self.dtype in SIXTEEN_BIT, tiles, self.num_warps, self.num_stages)
+
+    @property
+    def weight(self) -> tuple:
+        """Register pressure, roughly: flags on, the rank tile, bf16 before fp16 (its conversions cost more)."""
+        values = dict(self.constexpr_items())
+        flags = sum(1 for v in values.values() if v is True)
+        return (flags, values.get("BLOCK_R", 0), self.dtype == "bf16", len(self.launches))
+
+
+def _launch_options(kwargs: dict) -> tuple[int, int]:
+    return int(kwargs.pop("num_warps", 4)), int(kwargs.pop("num_stages", 3))
+
+
+class LaunchRecorder:
+    """Within ``with recorder:``, ``kernel[grid](*args, **kwargs)`` records a launch and returns None."""
+
+    def __init__(self) -> None:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        self._specialize = native_specialize_impl
+        self._backend = BaseBackend
+        self.specs: dict[tuple, Spec] = {}
+        self.case = "?"
+        self.launch_count = 0
+        self._params_cache: dict[int, list] = {}
+        self._saved: list = []
+
+    def _params(self, kernel) -> list:
+        """[(name, is_constexpr, do_not_specialize, do_not_specialize_on_alignment)] of a kernel's arguments."""
+        key = id(kernel)
+        if key not in self._params_cache:
+            params = getattr(kernel, "params", None)
+            if params is None:  # the interpreter's InterpretedFunction: Triton's own parameter parsing on its fn
+                from triton.runtime.jit import JITFunction
+
+                kw = getattr(kernel, "kwargs", {})
+                params = JITFunction(
+                    kernel.fn,
+                    do_not_specialize=kw.get("do_not_specialize"),
+                    do_not_specialize_on_alignment=kw.get("do_not_specialize_on_alignment"),
+                ).params
+            self._params_cache[key] = [
+                (p.name, p.is_constexpr, p.do_not_specialize, p.do_not_specialize_on_alignment) for p in params
+            ]
+        return self._params_cache[key]
+
+    def _signature(self, kernel) -> inspect.Signature:
+        key = ("signature", id(kernel))
+        if key not in self._params_cache:
+            self._params_cache[key] = inspect.signature(kernel.fn)
+        return self._params_cache[key]
+
+    def record(self, kernel, grid, args, kwargs) -> None:
+        kwargs = dict(kwargs)
+        num_warps, num_stages = _launch_options(kwargs)
+        bound = self._signature(kernel).bind(*args, **kwargs)
+        bound.apply_defaults()
+        signature, constexprs, attrs = {}, {}, {}
+        for i, (name, is_constexpr, no_spec, no_align) in enumerate(self._params(kernel)):
+            value = bound.arguments[name]
+            if is_constexpr:
+                signature[name], constexprs[(i,)] = "constexpr", value
+                continue
+            ty, spec = self._specialize(self._backend, value, False, not no_spec, not no_align)
+            signature[name] = ty
+            if ty == "constexpr":
+                constexprs[(i,)] = spec
+            elif isinstance(spec, str) and spec:
+                attrs[(i,)] = self._backend.parse_attr(spec)
+        name = kernel.fn.__name__
+        key = (
+            name,
+            tuple(signature.items()),
+            tuple(sorted((k, repr(v)) for k, v in constexprs.items())),
+            tuple(sorted((k, repr(v)) for k, v in attrs.items())),
+            num_warps,
+            num_stages,
+        )
+        spec = self.specs.get(key)
+        if spec is None:
+            spec = self.specs[key] = Spec(kernel, name, signature, constexprs, attrs, num_warps, num_stages)
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        spec.launches.append((self.case, grid))
+        self.launch_count += 1
+
+    def __enter__(self) -> LaunchRecorder:
+        from triton.runtime.jit import JITFunction, KernelInterface
+
+        classes = [KernelInterface, JITFunction]
+        with contextlib.suppress(ImportError):
+            from triton.runtime.interpreter import InterpretedFunction
+
+            classes.append(InterpretedFunction)
+        recorder = self
+
+        def getitem(kernel, grid):
+            return lambda *args, **kwargs: recorder.record(kernel, grid, args, kwargs)
+
+        for cls in classes:
+            self._saved.append((cls, cls.__dict__.get("__getitem__")))
+            cls.__getitem__ = getitem
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, original in reversed(self._saved):
+            if original is None:
+                delattr(cls, "__getitem__")
+            else:
+                cls.__getitem__ = original
+        self._saved.clear()
+
+
+def _meta(*size, dtype) -> torch.Tensor:
+    return torch.empty(*size, device="meta", dtype=dtype)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def lora_case(shape, M, r, b, dtype, flags, gemm) -> Callable[[], None]:
+    """LoRA forward + backward (dx, dA, dB, dv) of one registry case through the ops' orchestration."""
+
+    def run() -> None:
+        from lowrank_kernels.ops.lora import op
+        from lowrank_kernels.ops.lora import triton as impl
+
+        K, N = shape.K, shape.N
+        x, w, dy = _meta(M, K, dtype=dtype), _meta(N, K, dtype=dtype), _meta(M, N, dtype=dtype)
+        bias = _meta(N, dtype=dtype) if flags.bias else None
+        a, bm = _meta(r, K, dtype=dtype), _meta(N, r, dtype=dtype)
+        v = _meta(r, dtype=dtype) if flags.rank_scale else None
+        p = shapes.DROPOUT_P if flags.dropout else 0.0
+        with _env(impl.GEMM_ENV_VAR, gemm):
+            _, xa = op.lora_forward(impl, x, w, bias, a, bm, v, scale=SCALE, rank=b, p_drop=p, seed=SEED)
+            op.lora_backward(impl, dy, x, w, a, bm, v, xa, scale=SCALE, rank=b,
+                             grad_rank_start=b // 2 if flags.frozen else 0, p_drop=p, seed=SEED,
+                             needs_dx=True, needs_dAB=True)  # fmt: skip
+
+    return run
+
+
+def dora_case(shape, M, r, b, dtype, flags) -> Callable[[], None]:
+    """DoRA forward (save z) + backward (dx, dA, dB, dm) and the row norm, cached ||W0||^2 or not."""
+
+    def run() -> None:
+        from lowrank_kernels.ops.dora import op
+        from lowrank_kernels.ops.dora import triton as impl
+
+        K, N = shape.K, shape.N
+        x, w, dy = _meta(M, K, dtype=dtype), _meta(N, K, dtype=dtype), _meta(M, N, dtype=dtype)
+        bias = _meta(N, dtype=dtype) if flags.bias else None
+        a, bm = _meta(r, K, dtype=dtype), _meta(N, r, dtype=dtype)
+        magnitude, norm = _meta(N, dtype=dtype), _meta(N, dtype=torch.float32)
+        p = shapes.DROPOUT_P if flags.dropout else 0.0
+        _, xa, z = op.dora_forward(impl, x, w, bias, a, bm, magnitude, norm, scale=SCALE, rank=b, p_drop=p,
+                                   seed=SEED, save_z=True)  # fmt: skip
+        op.dora_backward(impl, dy, x, w, a, bm, magnitude, norm, xa, z, scale=SCALE, rank=b,
+                         grad_rank_start=b // 2 if flags.frozen else 0, p_drop=p, seed=SEED,
+                         needs_dx=True, needs_dAB=True, needs_dm=True)  # fmt: skip
+        impl.row_norm(w, a, bm, norm if flags.bias else None, scale=SCALE, rank=b)  # bias flag doubles as "cached"
+
+    return run
+
+
+def multi_lora_case(shape, M, n, r, dtype, bias) -> Callable[[], None]:
+    """Multi-adapter forward of M rows over an n-slot pool of rank r (the grid depends on M, n, r only)."""
+
+    def run() -> None:
+        from lowrank_kernels.ops.multi_lora import triton as impl
+        from lowrank_kernels.ops.multi_lora.batch import max_tiles, segment_block_m
+
+        K, N = shape.K, shape.N
+        i32 = torch.int32
+        impl.multi_lora_forward(
+            _meta(M, K, dtype=dtype), _meta(N, K, dtype=dtype), _meta(N, dtype=dtype) if bias else None,
+            _meta(n, r, K, dtype=dtype), _meta(n, N, r, dtype=dtype), _meta(n, N, dtype=torch.float32),
+            _meta(n, dtype=i32), _meta(M, dtype=i32), _meta(M, dtype=i32), _meta(M, dtype=torch.float32),
+            _meta(M, dtype=i32), _meta(max_tiles(M, n), 4, dtype=i32), segment_block_m(M),
+        )  # fmt: skip
+
+    return run
+
+
+# The subset's registry: one layer shape (all model shapes are multiples of 16, so they change grids, never what
+# Triton specialises on), the M values where tiles change, and no flag set between none, dropout and all.
+SUBSET_M = (1, 16, 64, 65, 2048)
+SUBSET_RANKS = (8, 16, 64, 128, 256)
+SUBSET_MULTI_M = (1, 64, 2048)
+
+
+def _subset_flags(dora: bool) -> tuple[shapes.LoRAFlags, ...]:
+    """None, dropout alone, and every flag on (DoRA has no rank scale)."""
+    return (shapes.LoRAFlags(), shapes.LoRAFlags(dropout=True), shapes.LoRAFlags(True, not dora, True, True))
+
+
+def sweep_cases(subset: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(case id, runner) over the registry (``SUBSET_*`` for the subset)."""
+    model_shapes = shapes.LLAMA_7B_SHAPES[:1] if subset else shapes.MODEL_SHAPES
+    Ms, ranks = (SUBSET_M, SUBSET_RANKS) if subset else (shapes.SWEEP_M, shapes.SWEEP_RANKS)
+    lora_flags, dora_flags = shapes.lora_flag_sets(), shapes.lora_flag_sets(dora=True)
+    if subset:
+        lora_flags, dora_flags = _subset_flags(dora=False), _subset_flags(dora=True)
+    dtypes = [getattr(torch, name) for name in shapes.KERNEL_DTYPE_NAMES]
+    for shape, M, r, dtype in itertools.product(model_shapes, Ms, ranks, dtypes):
+        dt = shapes.dtype_id(dtype)
+        for b in shapes.active_ranks(r):
+            for flags in lora_flags:
+                for gemm in ("auto", "triton") if M > shapes.DECODE_MAX_M else ("auto",):
+                    case = f"lora {shape.id} M{M} r{r} b{b} {dt} {flags.id} gemm={gemm}"
+                    yield case, lora_case(shape, M, r, b, dtype, flags, gemm)
+            for flags in dora_flags:
+                yield f"dora {shape.id} M{M} r{r} b{b} {dt} {flags.id}", dora_case(shape, M, r, b, dtype, flags)
+    multi_Ms = SUBSET_MULTI_M if subset else shapes.MULTI_M
+    for shape, M, n, r, dtype in itertools.product(
+        model_shapes, multi_Ms, shapes.ADAPTER_COUNTS, shapes.MULTI_SWEEP_RANKS, dtypes
+    ):
+        for bias in (False, True):
+            case = f"multi {shape.id} M{M} n{n} r{r} {shapes.dtype_id(dtype)} bias={bias}"
+            yield case, multi_lora_case(shape, M, n, r, dtype, bias)
+
+
+def enumerate_launches(subset: bool = True, cases=None, case_filter: str | None = None) -> LaunchRecorder:
+    """Run every case's launch code under a ``LaunchRecorder``; returns it (``.specs``, ``.launch_count``).
+    ``case_filter``: a regular expression the case ids must match (``re.search``)."""
+    recorder = LaunchRecorder()
+    with recorder:
+        for case, run in cases if cases is not None else sweep_cases(subset):
+            if case_filter and not re.search(case_filter, case):
+                continue
+            recorder.case = case
+            run()
+    return recorder
+
+
+def distinct_specs(recorder: LaunchRecorder) -> list[Spec]:
+    return sorted(recorder.specs.values(), key=lambda s: (s.name, s.dtype, s.config))
+
+
+def coarse_subset(specs: list[Spec]) -> list[Spec]:
+    """One 16-bit specialisation per coarse class (``Spec.coarse_class``), the heaviest of it (``Spec.weight``).
+
+    fp32 ones are left to the full sweep: no rule fails them but a compile error, and the worst of their spills
+    keep ptxas busy for a minute each."""
+    best: dict[tuple, Spec] = {}
+    for spec in specs:
+        if spec.dtype not in SIXTEEN_BIT:
+            continue
+        if spec.coarse_class not in best or spec.weight > best[spec.coarse_class].weight:
+            best[spec.coarse_class] = spec
+    return sorted(best.values(), key=lambda s: (s.name, s.dtype, s.config))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Compile and read the cubin
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    for candidate in (str(bundled), shutil.which(name), f"/usr/local/cuda/bin/{name}"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(f"{name} not found (Triton's bundled bin/, PATH, /usr/local/cuda/bin)")
+
+
+_DOT_OPERAND = re.compile(r"tt\.dot\b.*?:\s*tensor<[0-9x]+x(\w+)>")
+
+
+def compile_spec(spec: Spec, arch: int) -> dict:
+    """Compile one specialisation for sm_<arch>; registers, spills, shared memory, MMA family (or the error)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    result = dict(arch=arch, error=None)
+    start = time.perf_counter()
+    try:
+        source = ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))  # fmt: skip
+    except Exception as e:  # a compile error is a finding, not a crash of the check
+        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+        return result
+    result["compile_s"] = time.perf_counter() - start
+    result["shared"] = int(compiled.metadata.shared)
+    result["dots16"] = sum(1 for m in _DOT_OPERAND.finditer(compiled.asm["ttir"]) if m.group(1) in ("f16", "bf16"))
+    result["dots"] = len(_DOT_OPERAND.findall(compiled.asm["ttir"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        cuobjdump = _tool("cuobjdump")
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    result["registers"] = int(fields.get("REG", 0))
+    result["local"] = int(fields.get("LOCAL", 0))
+    result["stack"] = int(fields.get("STACK", 0))
+    result["spill_stores"] = len(re.findall(r"\bSTL(\.\w+)*\b", sass))
+    result["spill_loads"] = len(re.findall(r"\bLDL(\.\w+)*\b", sass))
+    counts = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "FFMA")}
+    result["mma"] = "HGMMA" if counts["HGMMA"] else "HMMA" if counts["HMMA"] else "FFMA" if counts["FFMA"] else "-"
+    return result
+
+
+def occupancy(spec: Spec, result: dict) -> int:
+    """Programs one SM holds at once at this kernel's registers, shared memory and warps (at least 1)."""
+    arch = result["arch"]
+    threads = 32 * spec.num_warps
+    regs = max(1, -(-result["registers"] // 8) * 8) * threads  # registers go out 8 a thread at a time (per warp: 256)
+    by_regs = REGISTERS_PER_SM // regs
+    by_shared = SHARED_PER_SM[arch] // (result["shared"] + 1024) if result["shared"] else 32  # 1 KB reserved a block
+    by_warps = MAX_WARPS_PER_SM[arch] // spec.num_warps
+    return max(1, min(by_regs, by_shared, by_warps, 32))
+
+
+def problems(spec: Spec, result: dict) -> list[str]:
+    """The rules this compiled specialisation breaks (empty: it passes)."""
+    if result["error"]:
+        return [f"compile error: {result['error']}"]
+    found = []
+    if result["shared"] > SHARED_LIMIT[result["arch"]]:
+        found.append(f"shared memory {result['shared']} B > {SHARED_LIMIT[result['arch']]} B")
+    spilled = result["spill_stores"] or result["spill_loads"] or result["local"]
+    if spilled and spec.dtype in SIXTEEN_BIT:
+        found.append(f"register spill ({result['spill_stores']} STL, {result['spill_loads']} LDL, "
+                     f"{result['local']} B local)")  # fmt: skip
+    if result["dots16"] and result["mma"] not in ("HMMA", "HGMMA"):
+        found.append(f"{result['dots16']} 16-bit tl.dot without tensor cores ({result['mma']})")
+    return found
+
+
+def _compile_job(job: tuple[int, int]) -> tuple[int, int, dict]:
+    index, arch = job
+    return index, arch, compile_spec(_JOB_SPECS[index], arch)
+
+
+_JOB_SPECS: list[Spec] = []
+
+
+def compile_all(specs: list[Spec], archs=ARCHS, workers: int | None = None) -> dict[tuple[int, int], dict]:
+    """{(spec index, arch): result}, compiled in ``workers`` forked processes."""
+    import concurrent.futures
+    import multiprocessing
+
+    global _JOB_SPECS
+    _JOB_SPECS = specs
+    jobs = [(i, arch) for i in range(len(specs)) for arch in archs]
+    workers = workers or os.cpu_count() or 1
+    results = {}
+    if workers == 1:
+        for job in jobs:
+            i, arch, res = _compile_job(job)
+            results[(i, arch)] = res
+        return results
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for i, arch, res in pool.map(_compile_job, jobs, chunksize=1):
+            results[(i, arch)] = res
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _grid_summary(spec: Spec, results: dict) -> str:
+    """Programs per launch (min-max over the registry's cases) and waves on 132 SMs at the sm_90 occupancy."""
+    programs = sorted({gx * gy * gz for _, (gx, gy, gz) in spec.launches})
+    res90 = results.get(90)
+    per_wave = SM_COUNT * occupancy(spec, res90) if res90 and not res90["error"] else SM_COUNT
+    lo, hi = programs[0], programs[-1]
+    span = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    return f"{span} ({lo / per_wave:.2g}-{hi / per_wave:.2g} waves)"
+
+
+def report(specs: list[Spec], results: dict, archs=ARCHS) -> tuple[str, list[str]]:
+    """(markdown table, failures): a row per specialisation, both targets side by side."""
+    head = "| kernel | dtype | config | " + " | ".join(
+        f"sm_{a} regs | sm_{a} spill st/ld | sm_{a} smem | sm_{a} mma" for a in archs
+    )
+    lines = [head + " | programs (waves on 132 SMs) | launches |", "|" + "---|" * (3 + 4 * len(archs) + 2)]
+    failures = []
+    for i, spec in enumerate(specs):
+        cells = []
+        per_arch = {a: results[(i, a)] for a in archs}
+        for a in archs:
+            res = per_arch[a]
+            if res["error"]:
+                cells += ["ERROR", "", "", ""]
+            else:
+                cells += [str(res["registers"]), f"{res['spill_stores']}/{res['spill_loads']}", str(res["shared"]),
+                          res["mma"]]  # fmt: skip
+            failures += [f"{spec.name} {spec.dtype} {spec.config} sm_{a}: {p}" for p in problems(spec, res)]
+        lines.append(f"| {spec.name} | {spec.dtype} | {spec.config} | " + " | ".join(cells)
+                     + f" | {_grid_summary(spec, per_arch)} | {len(spec.launches)} |")  # fmt: skip
+    return "\n".join(lines), failures
+
+
+def check(subset: bool = True, archs=ARCHS, workers: int | None = None, out: str | None = None,
+          cases: str | None = None, only: str | None = None) -> int:  # fmt: skip
+    """Enumerate, compile, report; 0 when every rule holds, 1 otherwise. ``cases`` / ``only``: regular expressions
+    on the case ids / on ``"kernel dtype config"`` of the specialisations (to look at a few)."""
+    start = time.perf_counter()
+    recorder = enumerate_launches(subset, case_filter=cases)
+    specs = distinct_specs(recorder)
+    chosen = coarse_subset(specs) if subset else specs
+    if only:
+        chosen = [s for s in chosen if re.search(only, f"{s.name} {s.dtype} {s.config}")]
+    enumerated = time.perf_counter() - start
+    print(f"triton {triton.__version__}, torch {torch.__version__}: {recorder.launch_count} launches, "
+          f"{len(specs)} distinct specialisations, {len(chosen)} compiled for "
+          f"{', '.join(f'sm_{a}' for a in archs)} ({'subset' if subset else 'full sweep'}; "
+          f"enumerated in {enumerated:.1f} s)", flush=True)  # fmt: skip
+    results = compile_all(chosen, archs, workers)
+    table, failures = report(chosen, results, archs)
+    spills16 = sum(1 for (i, a), r in results.items() if not r["error"] and chosen[i].dtype in SIXTEEN_BIT
+                   and (r["spill_stores"] or r["spill_loads"]))  # fmt: skip
+    spills32 = sum(1 for (i, a), r in results.items() if not r["error"] and chosen[i].dtype not in SIXTEEN_BIT
+                   and (r["spill_stores"] or r["spill_loads"]))  # fmt: skip
+    hgmma = sum(1 for (i, a), r in results.items() if a == 90 and not r["error"] and r["mma"] == "HGMMA")
+    errors = sum(1 for r in results.values() if r["error"])
+    summary = (f"triton {triton.__version__}: {len(chosen)} specialisations x {len(archs)} targets, "
+               f"{errors} compile errors, {spills16} 16-bit and {spills32} fp32 (reported only) compiles with "
+               f"spills, {hgmma} sm_90 compiles on wgmma (HGMMA), {len(failures)} failures; "
+               f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+    print(table)
+    print(summary)
+    for failure in failures:
+        print("FAIL", failure)
+    if out:
+        Path(out).write_text(f"{summary}\n\n{table}\n" + "".join(f"\nFAIL {f}" for f in failures) + "\n")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subset", action="store_true", help="one specialisation per coarse class (CI)")
+    parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="target(s); default both")
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
+    parser.add_argument("--out", default=None, help="also write the summary table to this file")
+    parser.add_argument("--cases", default=None, help="regular expression the enumerated case ids must match")
+    parser.add_argument("--only", default=None, help="regular expression on 'kernel dtype config' to compile")
+    args = parser.parse_args(argv)
+    return check(subset=args.subset, archs=tuple(args.arch or ARCHS), workers=args.workers, out=args.out,
+                 cases=args.cases, only=args.only)  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -186,6 +186,14 @@ def test_requested_cuda_on_cpu_tensors_raises_with_the_reason(op):
             dora_weight_norm(weight, A, B, scale=1.0)
 
 
+def test_requested_cuda_refuses_float64(monkeypatch):
+    """float64 is the reference's alone: asked for by name where the extension could run, the call says why."""
+    monkeypatch.setattr(backend_mod, "availability", lambda name, device: None)
+    x, weight, bias, A, B, _ = make_lora_inputs(3, 16, 8, 2, torch.float64, device="cpu")
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="kernels take float16/bfloat16/float32"):
+        lora_linear(x, weight, bias, A, B, scale=1.0)
+
+
 def test_the_runtime_refuses_cpu_tensors():
     with pytest.raises(ValueError, match="needs CUDA tensors, got cpu"):
         cuda_ext.runtime(torch.device("cpu"))
@@ -677,3 +685,39 @@ def test_gpu_multi_lora_corrupt_metadata_stays_in_bounds():
     args, given, served = _corrupt_batch_case(DEVICE, torch.float32)
     y = multi_lora_cuda.multi_lora_forward(*args, *given, None, None, 0)
     assert rel_err(y, multi_lora_naive.multi_lora_forward(*_f64(*args[:6]), args[6], *served)) < REL_TOL[torch.float32]
+
+
+def _check_op_on_cuda(op, dtype, M, K, N, R, b, dropout):
+    """lora_linear / dora_linear on backend "cuda", forward and every gradient, against the float64 autograd oracle."""
+    x, weight, bias, A, B, _ = make_lora_inputs(M, K, N, R, dtype, device=DEVICE)
+    magnitude = (torch.rand(N, generator=torch.Generator().manual_seed(1)) + 0.5).to(DEVICE, dtype)
+    params = [x, A, B] + ([magnitude] if op == "dora" else [])
+    for t in params:
+        t.requires_grad_()
+    kwargs = dict(scale=0.75, rank=b, dropout=dropout, seed=1234 if dropout else None)
+    with use_backend("cuda"):
+        y = lora_linear(x, weight, bias, A, B, **kwargs) if op == "lora" else dora_linear(
+            x, weight, bias, A, B, magnitude, **kwargs)  # fmt: skip
+        grad_out = torch.randn_like(y)
+        grads = torch.autograd.grad(y, params, grad_out)
+    mask = lora_naive.dropout_mask(1234, (M, K), dropout, DEVICE).double() if dropout else None
+    ref_params = [t.detach().double().requires_grad_() for t in params]
+    ref_x, ref_A, ref_B = ref_params[:3]
+    if op == "lora":
+        y_ref = lora_naive.lora_linear_ref(ref_x, weight.double(), bias.double(), ref_A, ref_B, 0.75, b, None, mask)
+    else:
+        y_ref = dora_naive.dora_linear_ref(ref_x, weight.double(), bias.double(), ref_A, ref_B, ref_params[3], 0.75, b,
+                                           mask)  # fmt: skip
+    grads_ref = torch.autograd.grad(y_ref, ref_params, grad_out.double())
+    assert y.dtype == dtype and rel_err(y, y_ref) < REL_TOL[dtype]
+    for name, g, g_ref in zip(["x", "lora_A", "lora_B", "magnitude"], grads, grads_ref, strict=False):
+        assert g.dtype == dtype and rel_err(g, g_ref) < REL_TOL[dtype], name
+
+
+@pytest.mark.gpu
+@needs_gpu_ext
+@pytest.mark.parametrize("op", ["lora", "dora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_gpu_realistic_sizes_on_the_cuda_backend(op, dropout, poison_empty):
+    """A Llama-7B MLP shape at prefill in bfloat16, rank 8 of 64 active: the op suites' cases are small."""
+    _check_op_on_cuda(op, torch.bfloat16, 2049, 4096, 11008, 64, 8, dropout)

@@ -8,7 +8,7 @@
 //   v *= post_scale[n]; v += bias[n]                           (DoRA's g and bias)
 //   C[m, n] = round(v)
 //
-// Every optional vector is float32 (the Python launcher converts). Transposes are strides, so one kernel serves the
+// Every optional vector is float32 (the Python wrappers convert). Transposes are strides, so one kernel serves the
 // LoRA shrink and expand, every backward product and DoRA's factored norm. The mask of x hides in A (shrink), in B
 // (dA = t^T drop(x)) or in C (dx), at that operand's (first, second) index, hashed as row * mask_cols + col.
 //

@@ -289,3 +289,19 @@ def test_compile_fullgraph_forward_and_backward():
     want = [layer.pool.lora_A.grad, layer.pool.lora_B.grad, layer.pool.magnitude.grad]
     for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) < REL_TOL[torch.float32]
+
+
+def test_training_benchmark_providers_agree_on_cpu():
+    """The training benchmark's providers (benchmarks/test_multi_lora_bench.py) at tiny sizes: one mixed batch of
+    4 jobs gives the gradients of 4 separate LoRALinear steps and of peft's per-job loop."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "test_multi_lora_bench.py"
+    spec = importlib.util.spec_from_file_location("multi_lora_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses resolve their module by name
+    spec.loader.exec_module(bench)
+    worst = bench.check_train_providers(4, 40, 24, 20, 4, device="cpu", dtype=torch.float32, tol=1e-5)
+    assert worst < 1e-5

@@ -6,15 +6,16 @@ Every peft LoRA / rsLoRA / DoRA layer (``peft.tuners.lora.layer.Linear``) and Ad
 tensors. Nothing else changes: the modules, the ``nn.Parameter`` objects (an optimizer built before the patch keeps
 training them), the state-dict keys, ``save_pretrained``, ``merge_and_unload``, ``set_adapter``,
 ``disable_adapter()``, several adapters per layer (their sum, as peft) and ``adapter_names=`` mixed batches (rows
-grouped by adapter, one fused call per group).
+grouped by adapter, one fused call per group). float32 adapters on a float16 / bfloat16 base (what ``get_peft_model``
+makes by default) are cast to the base dtype per call, so those numbers equal peft's to that dtype's rounding.
 
 Whatever a call needs that the fused ops do not do is run by peft's own forward, decided per call, so a number is
-never silently different from peft's: a merged or disabled layer, extra forward arguments, inputs or adapters of
-another dtype or device than the base weight, several adapters at once with DoRA among them (peft feeds each DoRA
-adapter the previous adapters' sum) or with dropout in training. Layers that cannot be patched at all (another
-layer type — Embedding, Conv, quantized bases —, ``lora_bias``, LoRA variants other than DoRA, hooks on the base
-layer, ``fan_in_fan_out`` on anything but a transformers ``Conv1D``) keep peft's forward and are listed in the
-report with the reason.
+never silently different from peft's: a merged or disabled layer, extra forward arguments, autocast, inputs or
+adapters of another dtype or device than the base weight (but for float32 adapters on a half base), several
+adapters at once with DoRA among them (peft feeds each DoRA adapter the previous adapters' sum) or with dropout in
+training. Layers that cannot be patched at all (another layer type — Embedding, Conv, quantized bases —,
+``lora_bias``, LoRA variants other than DoRA, hooks on the base layer, ``fan_in_fan_out`` on anything but a
+transformers ``Conv1D``) keep peft's forward and are listed in the report with the reason.
 
 Dropout: ours is a counter-hash mask drawn per call, not torch's RNG stream, so with ``lora_dropout > 0`` a patched
 run equals peft's in distribution, not step by step; in eval mode (or without dropout) the numbers are peft's.
@@ -125,9 +126,11 @@ def _adapter_problem(layer: nn.Module, name: str) -> str | None:
         if variant is not None:
             tensors.append(layer.lora_magnitude_vector[name].weight)
     for t in tensors:
-        if t.dtype != weight.dtype or t.device != weight.device:
+        # float32 adapters on a half-precision base (peft's autocast_adapter_dtype default) are cast per call
+        castable = t.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
+        if (t.dtype != weight.dtype and not castable) or t.device != weight.device:
             return (f"adapter {name!r} is {t.dtype} on {t.device} but the base weight is {weight.dtype} on "
-                    f"{weight.device} (the fused op takes one dtype)")  # fmt: skip
+                    f"{weight.device}")  # fmt: skip
     if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return f"adapter {name!r}'s lora_dropout is a {type(layer.lora_dropout[name]).__name__}"
     return None
@@ -174,15 +177,19 @@ def _fused_adapters(layer: nn.Module, x: Tensor, names: list[str]) -> Tensor | N
         return None
     if any(_adapter_problem(layer, n) is not None for n in names):
         return None
+
+    def cast(t: Tensor | None) -> Tensor | None:  # float32 adapters on a half base: differentiable, per call
+        return t if t is None or t.dtype == x.dtype else t.to(x.dtype)
+
     if len(names) == 1:
         name = names[0]
         p = _dropout_p(layer, name)
         if _is_dora(layer, name):
-            magnitude = layer.lora_magnitude_vector[name].weight
-            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+            magnitude = cast(layer.lora_magnitude_vector[name].weight)
+            A, B = cast(layer.lora_A[name].weight), cast(layer.lora_B[name].weight)
             return dora_linear(x, weight, bias, A, B, magnitude, scale=float(layer.scaling[name]), dropout=p)
         A, B, scale, rank_scale = _low_rank_term(layer, name)
-        return lora_linear(x, weight, bias, A, B, scale=scale, rank_scale=rank_scale, dropout=p)
+        return lora_linear(x, weight, bias, cast(A), cast(B), scale=scale, rank_scale=cast(rank_scale), dropout=p)
     # Several adapters at once: one fused call on the adapters stacked along the rank, each rank carrying its own
     # adapter's scale (torch.cat is differentiable, so every adapter's parameters get their gradients).
     if any(_is_dora(layer, n) for n in names) or any(_dropout_p(layer, n) > 0.0 for n in names):
@@ -191,7 +198,7 @@ def _fused_adapters(layer: nn.Module, x: Tensor, names: list[str]) -> Tensor | N
     A = torch.cat([t[0] for t in terms])
     B = torch.cat([t[1] for t in terms], dim=1)
     rank_scale = torch.cat([t[2] * (t[0].new_ones(t[0].shape[0]) if t[3] is None else t[3]) for t in terms])
-    return lora_linear(x, weight, bias, A, B, scale=1.0, rank_scale=rank_scale)
+    return lora_linear(x, weight, bias, cast(A), cast(B), scale=1.0, rank_scale=cast(rank_scale))
 
 
 def _mixed_batch(layer: nn.Module, x: Tensor, adapter_names: list[str]) -> Tensor | None:

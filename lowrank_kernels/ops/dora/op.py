@@ -33,7 +33,7 @@ from ..._checks import (
     seed_int,
     seed_tensor,
 )
-from ..lora.op import contiguous_vector, lowrank_forward
+from ..lora.op import contiguous_vector, lowrank_forward, run_registered
 from . import naive
 
 
@@ -109,8 +109,7 @@ def _backend_for(op: str, x: Tensor, weight: Tensor, *tensors: Tensor | None) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lowrank_kernels::dora_norm", mutates_args=())
-def dora_norm(
+def _dora_norm(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_norm_sq: Tensor | None, scale: float, rank: int
 ) -> Tensor:
     """[N] = ||W0 + scale B[:, :rank] A[:rank]||_row in float32 (float64 for float64 inputs); no gradient.
@@ -122,13 +121,15 @@ def dora_norm(
     return impl.row_norm(weight, lora_A, lora_B, weight_norm_sq, scale=scale, rank=rank)
 
 
+dora_norm = torch.library.custom_op("lowrank_kernels::dora_norm", _dora_norm, mutates_args=())
+
+
 @dora_norm.register_fake
 def _(weight, lora_A, lora_B, weight_norm_sq, scale, rank):
     return weight.new_empty(weight.shape[0], dtype=naive.compute_dtype(weight.dtype))
 
 
-@torch.library.custom_op("lowrank_kernels::dora_fwd", mutates_args=())
-def dora_fwd(
+def _dora_fwd(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -155,6 +156,9 @@ def dora_fwd(
     return y, xa, x.new_empty(0) if z is None else z
 
 
+dora_fwd = torch.library.custom_op("lowrank_kernels::dora_fwd", _dora_fwd, mutates_args=())
+
+
 @dora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, rank, grad_rank_start, dropout_p, seed,
       save_z):  # fmt: skip
@@ -163,8 +167,7 @@ def _(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, rank, grad
     return x.new_empty(M, N), xa, x.new_empty(M, N) if save_z else x.new_empty(0)
 
 
-@torch.library.custom_op("lowrank_kernels::dora_bwd", mutates_args=())
-def dora_bwd(
+def _dora_bwd(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -197,6 +200,9 @@ def dora_bwd(
                          needs_dx=needs_dx, needs_dAB=needs_dAB, needs_dm=needs_dm)  # fmt: skip
 
 
+dora_bwd = torch.library.custom_op("lowrank_kernels::dora_bwd", _dora_bwd, mutates_args=())
+
+
 @dora_bwd.register_fake
 def _(grad_out, x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, scale, rank, grad_rank_start, dropout_p,
       seed, needs_dx, needs_dAB, needs_dm, backend_name):  # fmt: skip
@@ -221,7 +227,8 @@ def _backward(ctx, grad_out, _grad_xa, _grad_z):
     needs = ctx.needs_input_grad  # x, weight, bias, lora_A, lora_B, magnitude, weight_norm, ...
     if needs[5] and z.numel() == 0 and grad_out.numel() != 0:
         raise RuntimeError("dora_fwd was called with save_z=False, so the magnitude has no gradient")
-    dx, dA, dB, dm = dora_bwd(grad_out, x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, scale, rank,
+    bwd = _dora_bwd if getattr(ctx, "eager", False) else dora_bwd  # traced (compile, opcheck): the registered op
+    dx, dA, dB, dm = bwd(grad_out, x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, scale, rank,
                               grad_rank_start, dropout_p, seed, needs[0], needs[3] or needs[4], needs[5],
                               backend_name)  # fmt: skip
     # W0 and bias are frozen in a DoRA layer; should a caller train them anyway, their gradients are plain (the norm
@@ -243,6 +250,18 @@ def _backward(ctx, grad_out, _grad_xa, _grad_z):
 
 
 dora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerDoRA(torch.autograd.Function):
+    """The registered op's forward, setup and backward without the custom-op dispatch: eager mode."""
+
+    forward = staticmethod(_dora_fwd)
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,8 +301,8 @@ def dora_weight_norm(
         check_vector("weight_norm_sq", weight_norm_sq, weight.shape[0], "out_features", "weight", weight,
                      same_dtype=False)  # fmt: skip
         weight_norm_sq = weight_norm_sq.detach().to(naive.compute_dtype(weight.dtype))
-    return torch.ops.lowrank_kernels.dora_norm(weight.detach(), lora_A.detach(), lora_B.detach(), weight_norm_sq,
-                                               scale, b)  # fmt: skip
+    norm = dora_norm if torch.compiler.is_compiling() else _dora_norm  # no autograd: the body alone in eager mode
+    return norm(weight.detach(), lora_A.detach(), lora_B.detach(), weight_norm_sq, scale, b)
 
 
 def dora_linear(
@@ -325,6 +344,7 @@ def dora_linear(
     lead, K = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(math.prod(lead), K)  # not reshape(-1, K): that fails for K == 0
     save_z = torch.is_grad_enabled() and magnitude.requires_grad
-    y, _, _ = torch.ops.lowrank_kernels.dora_fwd(x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, b,
-                                                 b - 1 if frozen else 0, dropout, seed_t, save_z)  # fmt: skip
+    args = (x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, b, b - 1 if frozen else 0, dropout, seed_t,
+            save_z)  # fmt: skip
+    y, _, _ = run_registered(dora_fwd, _EagerDoRA, _dora_fwd, args, (x, weight, bias, lora_A, lora_B, magnitude))
     return y.reshape(*lead, N)

@@ -95,6 +95,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no call at all when it already is (a no-op ``.to`` still costs ~1 us per call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def keep_factor(p: float) -> float:
     """1 / (1 - p) in float32 arithmetic: the value of a kept entry of every backend's mask."""
     one = torch.ones((), dtype=torch.float32)
@@ -104,11 +109,13 @@ def keep_factor(p: float) -> float:
 def shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
     """t [M, R] = drop(x) a[:rank]^T in the compute dtype, zero past ``rank``. x: [M, K], a: [R, K] (any strides)."""
     compute = compute_dtype(x.dtype)
-    xc = x.to(compute)
+    xc = _as(x, compute)
     if p_drop > 0.0:
-        xc = xc * dropout_mask(seed, tuple(x.shape), p_drop, x.device).to(compute)
+        xc = xc * _as(dropout_mask(seed, tuple(x.shape), p_drop, x.device), compute)
+    if rank == a.shape[0]:
+        return xc @ _as(a, compute).t()
     t = torch.zeros(x.shape[0], a.shape[0], device=x.device, dtype=compute)
-    t[:, :rank] = xc @ a[:rank].to(compute).t()
+    t[:, :rank] = xc @ _as(a[:rank], compute).t()
     return t
 
 
@@ -142,28 +149,33 @@ def lowrank_matmul(
     ``z`` (what DoRA's magnitude gradient needs) is returned when ``save_z``.
     """
     compute = compute_dtype(x.dtype)
-    xc = x.to(compute)
-    wt = w.to(compute).t()
-    tv = t[:, :rank].to(compute)
+    xc, wt = _as(x, compute), _as(w, compute).t()
+    tv = _as(t[:, :rank], compute)
     if v is not None:
-        tv = tv * v[:rank].to(compute)
-    low = scale * (tv @ u[:, :rank].to(compute).t())
-    if epilogue_dropout:
-        low = low * dropout_mask(seed, (x.shape[0], u.shape[0]), p_drop, x.device).to(compute)
-    base = xc @ wt
+        tv = tv * _as(v[:rank], compute)
+    up = _as(u[:, :rank], compute).t()
     rest = None
-    if dropped_x is not None:
-        dropped = (dropped_x.to(compute) @ wt) * keep_factor(p_drop)
-        rest, base = base - dropped, dropped
-    z = base + low
-    y = z
-    if col_scale is not None:
-        y = (col_scale[0].to(compute) / col_scale[1].to(compute)) * z
+    bias_in_gemm = bias is not None and col_scale is None and dropped_x is None and not save_z  # plain LoRA
+    if bias_in_gemm:
+        z = torch.addmm(_as(bias, compute), xc, wt)
+    elif dropped_x is None:
+        z = xc @ wt
+    else:
+        z = (_as(dropped_x, compute) @ wt) * keep_factor(p_drop)
+        rest = xc @ wt - z
+    if epilogue_dropout:
+        z += scale * (tv @ up) * _as(dropout_mask(seed, (x.shape[0], u.shape[0]), p_drop, x.device), compute)
+    else:
+        z.addmm_(tv, up, alpha=scale)
+    if col_scale is None:
+        y = z.clone() if save_z else z
+    else:
+        y = z * (_as(col_scale[0], compute) / _as(col_scale[1], compute))
     if rest is not None:
-        y = y + rest
-    if bias is not None:
-        y = y + bias.to(compute)
-    return y.to(x.dtype), (z.to(x.dtype) if save_z else None)
+        y += rest
+    if bias is not None and not bias_in_gemm:
+        y += _as(bias, compute)
+    return _as(y, x.dtype), (_as(z, x.dtype) if save_z else None)
 
 
 def weight_grad(
@@ -181,10 +193,10 @@ def weight_grad(
 
     t: [M, >=rank], x: [M, K], v: [>=rank] | None."""
     compute = compute_dtype(x.dtype)
-    xc = x.to(compute)
+    xc = _as(x, compute)
     if p_drop > 0.0:
-        xc = xc * dropout_mask(seed, tuple(x.shape), p_drop, x.device).to(compute)
-    tv = t[:, rank_start:rank].to(compute)
+        xc = xc * _as(dropout_mask(seed, tuple(x.shape), p_drop, x.device), compute)
+    tv = _as(t[:, rank_start:rank], compute)
     if v is not None:
-        tv = tv * v[rank_start:rank].to(compute)
+        tv = tv * _as(v[rank_start:rank], compute)
     return scale * (tv.t() @ xc)

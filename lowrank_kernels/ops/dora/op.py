@@ -344,7 +344,7 @@ def dora_linear(
     lead, K = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(math.prod(lead), K)  # not reshape(-1, K): that fails for K == 0
     save_z = torch.is_grad_enabled() and magnitude.requires_grad
-    args = (x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, b, b - 1 if frozen else 0, dropout, seed_t,
-            save_z)  # fmt: skip
+    lo = b - 1 if frozen else 0  # the first rank that trains
+    args = (x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, b, lo, dropout, seed_t, save_z)
     y, _, _ = run_registered(dora_fwd, _EagerDoRA, _dora_fwd, args, (x, weight, bias, lora_A, lora_B, magnitude))
     return y.reshape(*lead, N)

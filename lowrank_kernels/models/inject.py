@@ -31,7 +31,7 @@ from torch import nn
 
 from ..modules.adalora import AdaLoRALinear
 from ..modules.dora import DoRALinear
-from ..modules.lora import LoRALinear, is_conv1d, linear_layout
+from ..modules.lora import LoRALinear, is_conv1d, is_linear4bit, linear_layout
 from ..modules.multi_lora import MultiLoRALinear
 
 __all__ = [
@@ -380,6 +380,9 @@ def multi_lora_from(layer: nn.Module, capacity: int, max_rank: int) -> MultiLoRA
     """``MultiLoRALinear.from_linear`` for an ``nn.Linear`` or a ``Conv1D``: a Conv1D's [in, out] weight is handed
     over as an [out, in] Parameter that is a transposed view of the same storage (no copy); ``remove_adapters``
     puts the Conv1D itself back."""
+    if is_linear4bit(layer):
+        raise TypeError(f"{type(layer).__name__}: serving adapters on a bitsandbytes 4-bit base is not supported "
+                        "(MultiLoRALinear needs a dense weight)")  # fmt: skip
     if not is_conv1d(layer):
         return MultiLoRALinear.from_linear(layer, capacity, max_rank)
     in_features, out_features, _ = linear_layout(layer)

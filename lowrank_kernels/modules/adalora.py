@@ -142,7 +142,7 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
         (``AdaLoraConfig``: ``lora_alpha=8``, ``lora_dropout=0.0``; peft's names accepted too); ``r`` is peft's
         ``init_r`` (default 12 there)."""
         args = _adalora_args(alpha, dropout, lora_alpha, lora_dropout)
-        linear_layout(linear)  # an nn.Linear or a transformers Conv1D (weight [in, out], read transposed)
+        linear_layout(linear, quantized=False)  # nn.Linear or Conv1D; not a 4-bit base
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init(linear, r, *args)
@@ -155,7 +155,7 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
             raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
         if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.in_features, self.out_features, self.fan_in_fan_out = linear_layout(linear)
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_layout(linear, quantized=False)
         self.r, self.lora_alpha, self.lora_dropout = r, float(alpha), float(dropout)
         self.scaling = float(alpha) if alpha > 0 else float(r)  # peft: lora_alpha if lora_alpha > 0 else float(r)
         self.weight = linear.weight

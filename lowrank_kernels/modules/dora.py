@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
 from torch import Tensor, nn
 
 from ..ops.dora.op import dora_linear, dora_weight_norm, weight_norm_sq
-from .lora import LoRALinear
+from ..ops.lora.op import dropout_mask
+from .lora import LoRALinear, Quantized4bitBase, lowrank_term
 
 
 def _identity(t: Tensor) -> tuple | None:
@@ -65,6 +67,12 @@ class DoRALinear(LoRALinear):
         self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory))
         self.reset_magnitude()
 
+    @classmethod
+    def quantized_class(cls) -> type:
+        if cls is DoRALinear:
+            return DoRALinear4bit
+        raise TypeError(f"{cls.__name__} does not support a bitsandbytes 4-bit base")
+
     def reset_lora_parameters(self) -> None:
         """LoRA's init (A Kaiming-uniform, B zeros), then the magnitude from it, as peft does."""
         super().reset_lora_parameters()
@@ -74,7 +82,7 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def reset_magnitude(self) -> None:
         """``m = ||W0 + s B[:, :b] A[:b]||_row`` at the active rank (peft's initialisation of the magnitude)."""
-        self.lora_magnitude_vector.copy_(self._weight_norm(self.weight.dtype))
+        self.lora_magnitude_vector.copy_(self._weight_norm(self.lora_magnitude_vector.dtype))
 
     # ---- the cached norm --------------------------------------------------------------------------------------
 
@@ -173,3 +181,92 @@ class DoRALinear(LoRALinear):
             weight.copy_((weight.to(delta.dtype) / self._merge_scale[:, None] - delta).to(weight.dtype))
         self._merge_scale = None
         self.merged = False
+
+
+# Elements of W0 dequantised at once by the 4-bit row norm: a block of rows, never the whole [N, K].
+DEQUANT_BLOCK_ELEMENTS = 1 << 20
+
+
+def quantized_row_norm(layer: nn.Module, A: Tensor, B: Tensor, scale: float, dtype: torch.dtype,
+                       block_elements: int = DEQUANT_BLOCK_ELEMENTS) -> Tensor:  # fmt: skip
+    """``||W0 + scale * B A||`` per row [N] of a bitsandbytes ``Linear4bit`` (W0 its dequantised weight), computed in
+    ``dtype`` a block of rows at a time: each block's packed bytes and block scales are sliced and dequantised
+    by bitsandbytes (``dequantize_4bit``), so at most ``block_elements`` (at least one row) exist in ``dtype``.
+    A: [b, K], B: [N, b] (the active ranks). Needs ``in_features`` to be a multiple of the quantisation blocksize
+    (rows then start on block boundaries) and the standard packing (not bitsandbytes' CPU inference repacking)."""
+    import bitsandbytes.functional as bnb_f
+
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        raise RuntimeError(f"{type(layer).__name__}: its weight was repacked for bitsandbytes' CPU inference kernel "
+                           "(an eval-mode forward without gradients); DoRA's row norm reads the standard layout: run "
+                           "the model with gradients enabled or in train mode")  # fmt: skip
+    N, K = state.shape
+    if K % state.blocksize:
+        raise ValueError(f"DoRA on a 4-bit layer needs in_features ({K}) to be a multiple of the quantisation "
+                         f"blocksize ({state.blocksize}): its rows are dequantised a block at a time")  # fmt: skip
+    absmax = state.absmax
+    if state.nested:  # double quantisation: the block scales are themselves quantised (N * K / blocksize of them)
+        absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    packed = layer.weight.data.view(torch.uint8).reshape(-1)  # two 4-bit values per byte, row-major
+    rows = max(1, block_elements // K)
+    norm = torch.empty(N, device=A.device, dtype=dtype)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        block_state = bnb_f.QuantState(absmax=absmax[n0 * K // state.blocksize : n1 * K // state.blocksize],
+                                       shape=torch.Size((n1 - n0, K)), code=state.code, blocksize=state.blocksize,
+                                       quant_type=state.quant_type, dtype=state.dtype)  # fmt: skip
+        w = bnb_f.dequantize_4bit(packed[n0 * K // 2 : n1 * K // 2].reshape(-1, 1), block_state).to(dtype)
+        norm[n0:n1] = torch.linalg.norm(w + scale * (B[n0:n1] @ A), dim=1)
+    return norm
+
+
+class DoRALinear4bit(Quantized4bitBase, DoRALinear):
+    """``DoRALinear`` on a bitsandbytes 4-bit base, peft's QLoRA-DoRA formula with bitsandbytes' own product:
+    ``y = base(x) + (g - 1) * (base(x) - bias) + g * s * (x A^T) B^T``, ``g = m / ||W0 + s B A||`` (detached; the
+    row norm dequantises a block of rows at a time, ``quantized_row_norm``). With dropout in training, peft's
+    form: the ``(g - 1)`` term is bitsandbytes' product of ``drop(x)`` without the bias."""
+
+    def _init(self, linear: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        LoRALinear._init(self, linear, r, alpha, dropout, rslora)  # no ||W0||^2 buffer: W0 stays packed
+        self._norm_cache = None
+        self._merge_scale = None
+        factory = dict(device=self.lora_A.weight.device, dtype=self._adapter_dtype())
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory))
+        self.reset_magnitude()
+
+    def _weight_norm(self, dtype: torch.dtype) -> Tensor:
+        b = self._active_rank
+        A, B = self.lora_A.weight[:b].to(dtype), self.lora_B.weight[:, :b].to(dtype)
+        with torch.no_grad():
+            return quantized_row_norm(self.base_layer, A, B, self.scaling, dtype)
+
+    def clear_norm_cache(self) -> None:
+        self._norm_cache = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        A, B, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
+        xa = x.to(A.dtype)
+        inference = not self.training and not torch.is_grad_enabled()
+        norm = self._cached_weight_norm(xa.dtype) if inference else self._weight_norm(xa.dtype)
+        g = (m.to(xa.dtype) / norm).view(1, -1)
+        dropout = self.lora_dropout if self.training else 0.0
+        if dropout > 0.0:  # peft: the base term of drop(x) is recomputed, without the bias
+            lead, K = xa.shape[:-1], xa.shape[-1]
+            seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+            mask = dropout_mask(seed, (math.prod(lead), K), dropout, x.device).to(xa.dtype)
+            xa = (xa.reshape(-1, K) * mask).reshape(*lead, K)
+            base = self._base_product(xa).to(xa.dtype)
+        else:
+            base = y.to(xa.dtype) if self.bias is None else y.to(xa.dtype) - self.bias.to(xa.dtype)
+        lora = lowrank_term(xa, A, B, scale=1.0, rank=self._active_rank, frozen=self._frozen)
+        return y + ((g - 1) * base + g * lora * self.scaling).to(y.dtype)
+
+    def _base_product(self, x: Tensor) -> Tensor:
+        """bitsandbytes' dequantising product ``x W0^T`` without the bias, in the layer's compute dtype."""
+        import bitsandbytes as bnb
+
+        layer = self.base_layer
+        compute = layer.compute_dtype or x.dtype
+        return bnb.matmul_4bit(x.to(compute), layer.weight, bias=None, quant_state=layer.weight.quant_state)

@@ -8,15 +8,21 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from ..ops.lora.op import lora_linear
+from ..ops.lora.op import dropout_mask, lora_linear
 from .merge import DeltaMerge
 
 
-def linear_layout(layer: nn.Module) -> tuple[int, int, bool]:
+def linear_layout(layer: nn.Module, quantized: bool = True) -> tuple[int, int, bool]:
     """``(in_features, out_features, fan_in_fan_out)`` of a base layer an adapter can wrap: an ``nn.Linear`` (weight
-    [out, in]) or a transformers ``Conv1D`` (GPT-2 style, weight [in, out]: peft's ``fan_in_fan_out=True``), whose
-    ``forward`` is the class's own (a subclass that computes something else is refused). TypeError otherwise."""
+    [out, in]), a transformers ``Conv1D`` (GPT-2 style, weight [in, out]: peft's ``fan_in_fan_out=True``) or, with
+    ``quantized``, a bitsandbytes ``Linear4bit``, whose ``forward`` is the class's own (a subclass that computes
+    something else is refused). TypeError otherwise."""
     if isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
+        return layer.in_features, layer.out_features, False
+    if is_linear4bit(layer):
+        if not quantized:
+            raise TypeError(f"{type(layer).__name__}: a bitsandbytes 4-bit base is supported by LoRALinear and "
+                            "DoRALinear only")  # fmt: skip
         return layer.in_features, layer.out_features, False
     if is_conv1d(layer):
         in_features, out_features = layer.weight.shape
@@ -37,6 +43,33 @@ def is_conv1d(layer: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(layer, Conv1D) and type(layer).forward is Conv1D.forward
+
+
+def is_linear4bit(layer: nn.Module) -> bool:
+    """A bitsandbytes ``nn.Linear4bit`` (NF4 / FP4) with its own forward (bitsandbytes is imported only if loaded)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return False
+    return isinstance(layer, bnb.nn.Linear4bit) and type(layer).forward is bnb.nn.Linear4bit.forward
+
+
+def lowrank_term(
+    x: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: float, rank: int, dropout: float = 0.0, frozen: bool = False
+) -> Tensor:
+    """The adapter term alone, ``scale * (drop(x) A[:rank]^T) B[:, :rank]^T`` [..., out], for a base whose product is
+    not ours (a bitsandbytes 4-bit layer): two thin GEMMs, autograd for the backward. x: [..., in], lora_A [r, in],
+    lora_B [out, r]; dropout: the same seeded mask as the fused op (``dropout_mask``); frozen: DyLoRA's, only rank
+    ``rank - 1`` gets gradient."""
+    A, B = lora_A[:rank], lora_B[:, :rank]
+    if frozen and rank > 1:  # the lower ranks are constants, as in the fused op
+        A = torch.cat([A[: rank - 1].detach(), A[rank - 1 :]])
+        B = torch.cat([B[:, : rank - 1].detach(), B[:, rank - 1 :]], dim=1)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(math.prod(lead), K)
+    if dropout > 0.0:
+        seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+        x2d = x2d * dropout_mask(seed, tuple(x2d.shape), dropout, x.device).to(x.dtype)
+    return (scale * ((x2d @ A.t()) @ B.t())).reshape(*lead, B.shape[0])
 
 
 def peft_alias(name: str, value, peft_name: str, peft_value, default):
@@ -106,6 +139,8 @@ class LoRALinear(DeltaMerge, nn.Module):
         transformers ``Conv1D``. alpha (default 8), dropout (default 0), rslora (default False): or peft's names."""
         args = _lora_args(alpha, dropout, rslora, lora_alpha, lora_dropout, use_rslora)
         linear_layout(linear)  # TypeError before anything is built
+        if is_linear4bit(linear):
+            cls = cls.quantized_class()  # the bitsandbytes product stays bitsandbytes'; the adapter term is ours
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init(linear, r, *args)
@@ -118,18 +153,32 @@ class LoRALinear(DeltaMerge, nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.in_features, self.out_features, self.fan_in_fan_out = linear_layout(linear)
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, float(alpha), float(dropout), bool(rslora)
-        self.weight = linear.weight
-        self.bias = linear.bias
+        self._adopt_base(linear)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        factory = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        factory = dict(device=linear.weight.device, dtype=self._adapter_dtype())
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.reset_lora_parameters()
         self._active_rank, self._frozen = r, False
         self.merged = False
         self._weight_before_merge: Tensor | None = None  # kept only for low-precision weights (see merge)
+
+    def _adopt_base(self, linear: nn.Module) -> None:
+        """Hold the base layer's weight and bias Parameters themselves (shared: same objects, same keys)."""
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @classmethod
+    def quantized_class(cls) -> type:
+        """The class that wraps a bitsandbytes 4-bit base for this kind of adapter."""
+        if cls is LoRALinear:
+            return LoRALinear4bit
+        raise TypeError(f"{cls.__name__} does not support a bitsandbytes 4-bit base")
 
     def reset_lora_parameters(self) -> None:
         """LoRA's init, as peft does it: A Kaiming-uniform (a = sqrt(5)), B zeros, so the layer starts as W0."""
@@ -203,3 +252,44 @@ class LoRALinear(DeltaMerge, nn.Module):
             f"rslora={self.use_rslora}, frozen={self._frozen}, merged={self.merged}"
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )
+
+
+class Quantized4bitBase:
+    """Mixin for adapter layers over a bitsandbytes ``Linear4bit`` (QLoRA, as peft's ``lora.bnb.Linear4bit``): the
+    base layer is kept whole as ``base_layer`` (its packed weight and quantisation state, peft's state-dict keys
+    ``base_layer.weight``...), its product is bitsandbytes' own ``base_layer(x)``; ``weight`` / ``bias`` read the
+    base layer's. Adapters are created in the base's compute dtype (float32 by default, as peft). Merging would need
+    a re-quantisation and is refused."""
+
+    def _adopt_base(self, linear: nn.Module) -> None:
+        self.base_layer = linear
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def base_weight(self) -> Tensor:
+        raise TypeError(f"{type(self).__name__}: the 4-bit base weight is packed; its product is base_layer(x)")
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return getattr(self.base_layer, "compute_dtype", None) or torch.float32
+
+    def merge(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__}: merging into a 4-bit base weight would re-quantise it; "
+                                  "not supported (dequantise the model first)")  # fmt: skip
+
+
+class LoRALinear4bit(Quantized4bitBase, LoRALinear):
+    """``LoRALinear`` on a bitsandbytes 4-bit base: ``y = base_layer(x) + scale * (drop(x) A[:b]^T) B[:, :b]^T``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        A, B = self.lora_A.weight, self.lora_B.weight
+        delta = lowrank_term(x.to(A.dtype), A, B, scale=self.scaling, rank=self._active_rank,
+                             dropout=self.lora_dropout if self.training else 0.0, frozen=self._frozen)  # fmt: skip
+        return y + delta.to(y.dtype)

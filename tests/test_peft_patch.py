@@ -209,6 +209,19 @@ def test_patch_twice_is_a_no_op_and_unpatch_restores_peft_forward_exactly(fused_
     assert fused_calls["lora"] == NUM_LAYERS_ALL_LINEAR  # nothing fused after unpatch
 
 
+def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own_tensors(fused_calls):
+    model = peft_llama()
+    patch_peft_model(model)
+    clone = copy.deepcopy(model)
+    layer = clone.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert layer.forward.__self__ is layer and peft_patch.is_patched(layer)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.zero_()  # the clone's own adapter: the original must not see it
+        ids = token_batch()
+        assert rel_err(clone(ids).logits, model(ids).logits) > 1e-4
+    assert fused_calls["lora"] == 2 * NUM_LAYERS_ALL_LINEAR
+
+
 def test_an_instance_forward_set_before_the_patch_comes_back():
     model = peft_llama()
     layer = next(m for m in model.modules() if isinstance(m, peft.tuners.lora.layer.Linear))

@@ -305,3 +305,47 @@ def test_training_benchmark_providers_agree_on_cpu():
     spec.loader.exec_module(bench)
     worst = bench.check_train_providers(4, 40, 24, 20, 4, device="cpu", dtype=torch.float32, tol=1e-5)
     assert worst < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["lora", "rslora", "dora"])
+def test_save_one_adapter_of_a_trained_pool_for_peft(tmp_path, kind):
+    """save_peft_adapter(model, path, adapter_name=...) writes one adapter of the trained pools as a peft directory
+    that peft.PeftModel.from_pretrained loads with equal logits (the pools' other adapters left out)."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import copy
+
+    from helpers import tiny_llama
+
+    from lowrank_kernels import save_peft_adapter, serve_batch
+
+    base = tiny_llama().eval()
+    model = copy.deepcopy(base).requires_grad_(False)  # only the pools train
+    g = torch.Generator().manual_seed(0)
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "down_proj"):
+            layer = MultiLoRALinear.from_linear(module, 2, 8, trainable=True)
+            for job, r in (("other", 8), ("job", 4)):
+                A = torch.randn(r, module.in_features, generator=g) / module.in_features**0.5
+                B = torch.randn(module.out_features, r, generator=g) * 0.2
+                m = torch.rand(module.out_features, generator=g) + 0.5 if kind == "dora" and job == "job" else None
+                layer.add_adapter(job, A, B, alpha=8.0, magnitude=m, rslora=kind == "rslora" and job == "job")
+            model.set_submodule(name, layer)
+    tokens = torch.randint(0, 64, (2, 9), generator=g)
+    with train_batch(model, ["job", "other"]):  # one training step, so the saved weights are trained ones
+        model(tokens).logits.square().mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(0.1 * p.grad)
+    names = save_peft_adapter(model, tmp_path / "job", adapter_name="job")
+    assert len(names) == 6
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "job")).eval()
+    with torch.no_grad(), serve_batch(model, ["job", "job"]):
+        ours = model(tokens).logits
+    with torch.no_grad():
+        theirs = loaded(tokens).logits
+    assert rel_err(ours, theirs) < REL_TOL[torch.float32]
+    assert all(isinstance(m, MultiLoRALinear) for n, m in model.named_modules() if n.endswith("q_proj"))
+    with pytest.raises(KeyError, match="no MultiLoRALinear pool"):
+        save_peft_adapter(model, tmp_path / "x", adapter_name="missing")

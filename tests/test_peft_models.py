@@ -65,7 +65,7 @@ def t5():
     return transformers.T5ForConditionalGeneration(config)
 
 
-MODELS = {"gpt2": gpt2, "roberta": roberta, "deberta-v2": deberta_v2, "t5": t5}
+MODELS = {"gpt2": gpt2, "roberta": roberta, "deberta-v2": deberta_v2, "t5": t5}  # QLoRA's Llama: qlora_llama
 _BASES: dict = {}
 
 
@@ -324,3 +324,88 @@ def test_t5_layer_selection_and_bias_free_model_match_peft(case, tmp_path):
     again = peft.PeftModel.from_pretrained(base("t5"), ours_dir).eval()
     with torch.no_grad():
         assert rel_err(again(**inputs("t5")).logits, ref(**inputs("t5")).logits) < TOL
+
+
+# ---- QLoRA: a bitsandbytes 4-bit base ------------------------------------------------------------------------------
+
+QLORA_TOL = 1e-5  # float32 (bitsandbytes' CPU compute dtype): the two sides differ in summation order only
+
+
+def qlora_llama(quant_type: str, double_quant: bool):
+    """A tiny Llama (hidden 64: a multiple of the 64-element quantisation blocks) whose decoder linears are
+    bitsandbytes Linear4bit layers, prepared as peft's QLoRA recipe does (prepare_model_for_kbit_training)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32)  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    for name, linear in list(model.named_modules()):
+        if isinstance(linear, torch.nn.Linear) and name != "lm_head":
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                      compute_dtype=torch.float32, compress_statistics=double_quant,
+                                      quant_type=quant_type)  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False,
+                                             compress_statistics=double_quant, quant_type=quant_type)  # fmt: skip
+            model.set_submodule(name, layer.to("cpu"))  # .to() quantises
+    model.is_loaded_in_4bit = True
+    return peft.prepare_model_for_kbit_training(model).eval()
+
+
+QLORA_CASES = [("nf4", True, False), ("nf4", False, True), ("fp4", True, True), ("fp4", False, False)]
+
+
+@pytest.mark.parametrize("quant_type, double_quant, use_dora", QLORA_CASES)
+def test_qlora_adapter_loads_with_peft_numbers(quant_type, double_quant, use_dora, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, target_modules=["q_proj", "v_proj", "down_proj"])
+    ref = peft.get_peft_model(qlora_llama(quant_type, double_quant), config)
+    assert type(ref.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # peft's bnb layer
+    randomise(ref, 0)
+    ref.save_pretrained(tmp_path)
+    ours = qlora_llama(quant_type, double_quant)
+    names = load_peft_adapter(ours, tmp_path)
+    layer = ours.get_submodule(names[0])
+    assert type(layer).__name__ == ("DoRALinear4bit" if use_dora else "LoRALinear4bit")
+    assert type(layer.base_layer).__name__ == "Linear4bit" and layer.weight.dtype == torch.uint8  # still packed
+    logits, grads = logits_and_grads(ours, "llama", peft_names=False)
+    ref_logits, ref_grads = logits_and_grads(ref.eval(), "llama", peft_names=True)
+    assert rel_err(logits, ref_logits) < QLORA_TOL
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) < 10 * QLORA_TOL, name
+    save_peft_adapter(ours, tmp_path / "ours")  # and back: peft's QLoRA model loads ours
+    again = peft.PeftModel.from_pretrained(qlora_llama(quant_type, double_quant), tmp_path / "ours").eval()
+    assert rel_err(logits_and_grads(again, "llama", peft_names=True)[0], logits) < QLORA_TOL
+
+
+def test_qlora_dora_row_norm_dequantises_a_block_of_rows_at_a_time(monkeypatch):
+    """The norm equals the one from the whole dequantised weight, and no call ever dequantises more rows than a
+    block (here 3 rows at a time, of 128)."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    from lowrank_kernels.modules import dora
+
+    layer = qlora_llama("nf4", True).model.layers[0].mlp.up_proj  # [128, 64]
+    A, B = torch.randn(4, 64), torch.randn(128, 4)
+    full = bnb_f.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    expected = torch.linalg.norm(full.double() + 0.5 * (B.double() @ A.double()), dim=1)
+    shapes = []
+    dequantize = bnb_f.dequantize_4bit
+    monkeypatch.setattr(bnb_f, "dequantize_4bit", lambda a, s, *args, **kw: shapes.append(tuple(s.shape))
+                        or dequantize(a, s, *args, **kw))  # fmt: skip
+    norm = dora.quantized_row_norm(layer, A, B, 0.5, torch.float32, block_elements=3 * 64)
+    assert rel_err(norm, expected) < 1e-6
+    assert shapes and max(s[0] for s in shapes) == 3 and sum(s[0] for s in shapes) == 128
+
+
+def test_qlora_unsupported_paths_are_refused_clearly():
+    from lowrank_kernels import inject_multi_lora
+
+    model = qlora_llama("nf4", False)
+    with pytest.raises(TypeError, match="a bitsandbytes 4-bit base is supported by LoRALinear and DoRALinear only"):
+        inject_adapters(model, ["q_proj"], method="adalora")
+    with pytest.raises(TypeError, match="serving adapters on a bitsandbytes 4-bit base is not supported"):
+        inject_multi_lora(model, ["q_proj"], capacity=2, max_rank=2)
+    assert not adapter_layers(model)
+    names = inject_adapters(model, ["q_proj"])
+    with pytest.raises(NotImplementedError, match="would re-quantise it"):
+        model.get_submodule(names[0]).merge()

@@ -71,11 +71,12 @@ def assert_same(actual, expected, tol=TOL):
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Counts the fused op calls the patched layers make, so a test cannot pass on peft's forward alone."""
-    calls = {"lora": 0, "dora": 0}
+    calls = {"lora": 0, "dora": 0, "weight_ptrs": []}  # weight_ptrs: the storage of each call's base weight
 
     def counting(kind, op):
         def call(*args, **kwargs):
             calls[kind] += 1
+            calls["weight_ptrs"].append(args[1].data_ptr())
             return op(*args, **kwargs)
 
         return call
@@ -132,7 +133,7 @@ def test_two_active_adapters_with_dora_run_on_peft(fused_calls):
     expected = logits_and_grads(model, ids)
     patch_peft_model(model)
     assert_same(logits_and_grads(model, ids), expected)
-    assert fused_calls == {"lora": 0, "dora": 0}
+    assert fused_calls["lora"] + fused_calls["dora"] == 0
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
@@ -146,7 +147,7 @@ def test_disable_adapter_and_merge_and_unload_after_patch(kind, fused_calls):
     patch_peft_model(model)
     with model.disable_adapter():
         assert rel_err(model(ids).logits, base_logits) < TOL
-    assert fused_calls == {"lora": 0, "dora": 0}
+    assert fused_calls["lora"] + fused_calls["dora"] == 0
     with torch.no_grad():
         assert rel_err(model(ids).logits, adapted) < TOL
     merged = model.merge_and_unload()
@@ -402,19 +403,23 @@ def test_dropout_in_training_runs_fused_and_is_peft_in_eval(fused_calls):
     assert all(torch.isfinite(g).all() for g in grads.values())  # ... and trains
 
 
-def test_gpt2_conv1d_fan_in_fan_out_uses_the_weight_transposed(fused_calls):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_gpt2_conv1d_fan_in_fan_out_uses_the_weight_transposed(dora, fused_calls):
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     torch.manual_seed(0)
     base = transformers.GPT2LMHeadModel(config).double()
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
-                                                      fan_in_fan_out=True, init_lora_weights=False))  # fmt: skip
+                                                      fan_in_fan_out=True, init_lora_weights=False,
+                                                      use_dora=dora))  # fmt: skip
     ids = token_batch()
     expected = logits_and_grads(model, ids)
     report = patch_peft_model(model)
     assert len(report.patched) == 8 and not report.unpatched  # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj)
     assert_same(logits_and_grads(model, ids), expected)
-    assert fused_calls["lora"] == 8
+    assert fused_calls["dora" if dora else "lora"] == 8
+    conv1d_weights = {m.weight.data_ptr() for m in model.modules() if type(m).__name__ == "Conv1D"}
+    assert set(fused_calls["weight_ptrs"]) == conv1d_weights  # the op read the Conv1D weights themselves, no copy
 
 
 def test_float32_adapters_on_a_bfloat16_base_run_fused_as_accurately_as_peft(fused_calls):

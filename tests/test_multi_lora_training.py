@@ -349,3 +349,20 @@ def test_save_one_adapter_of_a_trained_pool_for_peft(tmp_path, kind):
     assert all(isinstance(m, MultiLoRALinear) for n, m in model.named_modules() if n.endswith("q_proj"))
     with pytest.raises(KeyError, match="no MultiLoRALinear pool"):
         save_peft_adapter(model, tmp_path / "x", adapter_name="missing")
+
+
+def test_opcheck_training_ops():
+    """The training forward (dropout, DoRA with z saved), its backward op and the pool norm op pass opcheck: schemas,
+    fake implementations and the autograd registration."""
+    layer, _ = make_layer(torch.float32)
+    pool = layer.pool
+    batch = AdapterBatch.build(pool, IDS, RANKS)
+    x = torch.randn(len(IDS), K, requires_grad=True)
+    seed = torch.tensor(5, dtype=torch.int64)
+    g = pool.magnitude_scale.detach().requires_grad_()
+    args = (x, layer.weight, layer.bias, pool.lora_A, pool.lora_B, g, pool.dora_slots, batch.row_slot, batch.row_rank,
+            batch.row_scale, batch.sorted_rows, batch.tiles, batch.slot_rows, batch.block_m, batch.has_adapter,
+            batch.has_dora, 0.25, seed, True)  # fmt: skip
+    torch.library.opcheck(torch.ops.lowrank_kernels.multi_lora_fwd.default, args)
+    norm_args = (layer.weight, pool.lora_A.detach(), pool.lora_B.detach(), [1], [2.0], [3])
+    torch.library.opcheck(torch.ops.lowrank_kernels.multi_lora_norm.default, norm_args)

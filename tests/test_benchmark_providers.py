@@ -1,0 +1,80 @@
+"""The benchmarks time only what is right: on a CPU, one tiny row of each benchmark file, every provider it times
+(Triton kernels under the interpreter, the eager reference, peft) against the file's own reference check.
+
+The benchmarks themselves need a GPU (their conftest skips them here), so without this a rename in the package
+would break them only on the rare GPU run. CI also collects them (``pytest benchmarks --collect-only``).
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+from helpers import HAS_TRITON
+
+from lowrank_kernels.shapes import LayerShape
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="the fused providers run Triton (here: its interpreter)")
+
+
+def load(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks folder is not a package)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Point the LoRA and DoRA benchmark modules at CPU float32 tensors and empty their input caches."""
+    modules = [load("test_lora_bench"), load("test_dora_bench")]
+    for module in modules:
+        monkeypatch.setattr(module, "DEVICE", "cpu")
+        monkeypatch.setattr(module, "DTYPE", torch.float32)
+        for value in vars(module).values():
+            if hasattr(value, "cache_clear"):
+                value.cache_clear()
+    yield modules
+    for module in modules:
+        for value in vars(module).values():
+            if hasattr(value, "cache_clear"):
+                value.cache_clear()
+
+
+TINY = LayerShape("tiny", 48, 40)
+LORA_PROVIDERS = ["cublas", "frozen", "fused", "tritongemm", "eager"] + (["peft"] if HAS_PEFT else [])
+
+
+LORA_ROWS = [(op, p) for op in ("fwd", "fwdbwd") for p in LORA_PROVIDERS
+             if p not in ("cublas", "frozen") or p == {"fwd": "cublas", "fwdbwd": "frozen"}[op]]  # fmt: skip
+
+
+@pytest.mark.parametrize("op, provider", LORA_ROWS)
+def test_lora_benchmark_providers_compute_the_reference(on_cpu, op, provider, monkeypatch):
+    bench, _ = on_cpu
+    if provider == "tritongemm":
+        monkeypatch.setenv(bench.GEMM_ENV_VAR, "triton")
+    r, b = (None, None) if provider in ("cublas", "frozen") else (8, 5 if provider != "peft" else 8)
+    case = bench.Case(op, TINY, 70 if provider == "tritongemm" else 5, provider, r, b)
+    bench._check(bench._provider_fn(case)(), bench._reference(case), case.id)
+
+
+DORA_ROWS = [(op, p) for op, providers in load("test_dora_bench").PROVIDERS.items() for p in providers
+             if p != "peft" or HAS_PEFT]  # fmt: skip
+
+
+@pytest.mark.parametrize("op, provider", DORA_ROWS)
+def test_dora_benchmark_providers_compute_the_reference(on_cpu, op, provider):
+    _, bench = on_cpu
+    case = bench.Case(op, TINY, 5, provider, 8)
+    out = bench._provider_fn(case)()
+    ref = bench._reference(case)
+    assert len(out) == len(ref)
+    for o, r in zip(out, ref, strict=True):
+        err = ((o.float() - r.float()).norm() / r.float().norm()).item()
+        assert err < 2e-2, f"{case.id}: relative error {err:.2e}"

@@ -296,21 +296,30 @@ def dora_case(shape, M, r, b, dtype, flags) -> Callable[[], None]:
     return run
 
 
-def multi_lora_case(shape, M, n, r, dtype, bias) -> Callable[[], None]:
-    """Multi-adapter forward of M rows over an n-slot pool of rank r (the grid depends on M, n, r only)."""
+def multi_lora_case(shape, M, n, r, dtype, flags: shapes.LoRAFlags, dora: bool) -> Callable[[], None]:
+    """Multi-adapter forward + backward (dx, per-slot dA / dB, DoRA's dg) of M rows over an n-slot pool of rank r
+    through the ops' orchestration: the batch's sizes depend on M and n only, never on which adapter a row uses."""
 
     def run() -> None:
+        from lowrank_kernels.ops.multi_lora import op
         from lowrank_kernels.ops.multi_lora import triton as impl
         from lowrank_kernels.ops.multi_lora.batch import max_tiles, segment_block_m
+        from lowrank_kernels.ops.multi_lora.naive import BatchTensors
 
         K, N = shape.K, shape.N
-        i32 = torch.int32
-        impl.multi_lora_forward(
-            _meta(M, K, dtype=dtype), _meta(N, K, dtype=dtype), _meta(N, dtype=dtype) if bias else None,
-            _meta(n, r, K, dtype=dtype), _meta(n, N, r, dtype=dtype), _meta(n, N, dtype=torch.float32),
-            _meta(n, dtype=i32), _meta(M, dtype=i32), _meta(M, dtype=i32), _meta(M, dtype=torch.float32),
-            _meta(M, dtype=i32), _meta(max_tiles(M, n), 4, dtype=i32), segment_block_m(M),
-        )  # fmt: skip
+        i32, f32 = torch.int32, torch.float32
+        rows = [_meta(M, dtype=i32), _meta(M, dtype=i32), _meta(M, dtype=f32), _meta(M, dtype=i32)]
+        meta = BatchTensors(*rows, _meta(max_tiles(M, n), 4, dtype=i32), _meta(n, 2, dtype=i32), segment_block_m(M))
+        x, w, dy = _meta(M, K, dtype=dtype), _meta(N, K, dtype=dtype), _meta(M, N, dtype=dtype)
+        bias = _meta(N, dtype=dtype) if flags.bias else None
+        a, b = _meta(n, r, K, dtype=dtype), _meta(n, N, r, dtype=dtype)
+        g, dora_slots = _meta(n, N, dtype=f32), _meta(n, dtype=i32)
+        p = shapes.DROPOUT_P if flags.dropout else 0.0
+        _, xa, z = op.multi_lora_forward(impl, x, w, bias, a, b, g, dora_slots, meta, has_dora=dora, p_drop=p,
+                                         seed=SEED, save_z=dora)  # fmt: skip
+        op.multi_lora_backward(impl, dy, x, w, a, b, g, dora_slots, xa, z if z is not None else x.new_empty(0),
+                               meta, has_dora=dora, p_drop=p, seed=SEED, needs_dx=True, needs_dAB=True,
+                               needs_dg=dora)  # fmt: skip
 
     return run
 
@@ -325,6 +334,17 @@ SUBSET_MULTI_M = (1, 64, 2048)
 def _subset_flags(dora: bool) -> tuple[shapes.LoRAFlags, ...]:
     """None, dropout alone, and every flag on (DoRA has no rank scale)."""
     return (shapes.LoRAFlags(), shapes.LoRAFlags(dropout=True), shapes.LoRAFlags(True, not dora, True, True))
+
+
+def dropout_mask_case(M, K) -> Callable[[], None]:
+    """The dropout-mask kernel (tests and debugging only; float32 output)."""
+
+    def run() -> None:
+        from lowrank_kernels.ops.lora import triton as impl
+
+        impl.dropout_mask(SEED, (M, K), shapes.DROPOUT_P, "meta")
+
+    return run
 
 
 def sweep_cases(subset: bool) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -344,13 +364,15 @@ def sweep_cases(subset: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                     yield case, lora_case(shape, M, r, b, dtype, flags, gemm)
             for flags in dora_flags:
                 yield f"dora {shape.id} M{M} r{r} b{b} {dt} {flags.id}", dora_case(shape, M, r, b, dtype, flags)
+    yield "dropout mask", dropout_mask_case(64, model_shapes[0].K)
     multi_Ms = SUBSET_MULTI_M if subset else shapes.MULTI_M
     for shape, M, n, r, dtype in itertools.product(
         model_shapes, multi_Ms, shapes.ADAPTER_COUNTS, shapes.MULTI_SWEEP_RANKS, dtypes
     ):
-        for bias in (False, True):
-            case = f"multi {shape.id} M{M} n{n} r{r} {shapes.dtype_id(dtype)} bias={bias}"
-            yield case, multi_lora_case(shape, M, n, r, dtype, bias)
+        for flags in dora_flags:
+            for dora in (False, True):
+                case = f"multi {shape.id} M{M} n{n} r{r} {shapes.dtype_id(dtype)} {flags.id} dora={dora}"
+                yield case, multi_lora_case(shape, M, n, r, dtype, flags, dora)
 
 
 def enumerate_launches(subset: bool = True, cases=None, case_filter: str | None = None) -> LaunchRecorder:

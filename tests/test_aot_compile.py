@@ -1,0 +1,150 @@
+"""The ahead-of-time compile check (``scripts/aot_check.py``): its launch interception sees every kernel of every op,
+records what the launchers choose without running anything, and one small compile reads a real cubin.
+
+``.ci/run`` runs the check's subset for both Triton versions (3.6, the GPU image's, and the venv's); these tests keep
+the enumeration honest under the interpreter the test suite runs in.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+
+from lowrank_kernels import shapes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "aot_check.py"
+_spec = importlib.util.spec_from_file_location("aot_check", SCRIPT)
+aot_check = importlib.util.module_from_spec(_spec)
+sys.modules["aot_check"] = aot_check  # dataclasses look their module up
+_spec.loader.exec_module(aot_check)
+
+LLAMA_ATTN = shapes.LLAMA_7B_SHAPES[0]  # 4096 x 4096
+
+
+def _kernels_of(module) -> set[str]:
+    """Names of the @triton.jit kernels a module defines (JITFunction, or InterpretedFunction under the interpreter)."""
+    from triton.runtime.jit import KernelInterface
+
+    return {
+        name
+        for name, obj in vars(module).items()
+        if isinstance(obj, KernelInterface) and name.endswith("_kernel") and obj.fn.__module__ == module.__name__
+    }
+
+
+def _few_cases():
+    """Decode and prefill, both GEMM strategies, dropout or not, DoRA, multi-adapter: every launcher branch."""
+    import torch
+
+    flags_all = shapes.LoRAFlags(dropout=True, rank_scale=True, bias=True, frozen=True)
+    dora_all = shapes.LoRAFlags(dropout=True, bias=True, frozen=True)
+    for M in (1, 2048):
+        for gemm in ("auto", "triton"):
+            for flags in (shapes.LoRAFlags(), flags_all):
+                yield f"lora M{M} {gemm} {flags.id}", aot_check.lora_case(LLAMA_ATTN, M, 16, 16, torch.float16, flags,
+                                                                          gemm)  # fmt: skip
+        for flags in (shapes.LoRAFlags(), dora_all):
+            yield f"dora M{M} {flags.id}", aot_check.dora_case(LLAMA_ATTN, M, 16, 16, torch.float16, flags)
+        for flags in (shapes.LoRAFlags(), dora_all):
+            for dora in (False, True):
+                case = aot_check.multi_lora_case(LLAMA_ATTN, M, 8, 16, torch.float16, flags, dora)
+                yield f"multi M{M} {flags.id} dora={dora}", case
+    yield "dropout mask", aot_check.dropout_mask_case(64, 4096)
+
+
+def test_interception_enumerates_every_kernel_of_every_op():
+    from lowrank_kernels.ops.dora import triton as dora_triton
+    from lowrank_kernels.ops.lora import triton as lora_triton
+    from lowrank_kernels.ops.multi_lora import triton as multi_triton
+
+    expected = _kernels_of(lora_triton) | _kernels_of(dora_triton) | _kernels_of(multi_triton)
+    assert len(expected) >= 10  # the kernels exist under either decorator
+    recorder = aot_check.enumerate_launches(cases=list(_few_cases()))
+    assert {spec.name for spec in recorder.specs.values()} == expected
+    assert recorder.launch_count > len(recorder.specs)  # same specialisations recur: the dedup works
+
+
+def test_interception_records_the_launchers_choices_without_running():
+    """The one-launch decode forward at M = 1, rank 16, on 4096 x 4096: one lora_matmul launch, 4096 / BLOCK_N
+    programs, the shrink fused; M = 1 and the unit strides become constants exactly as Triton's launcher does."""
+    import torch
+
+    cases = [("decode", lambda: aot_check.lora_case(LLAMA_ATTN, 1, 16, 16, torch.float16, shapes.LoRAFlags(),
+                                                    "auto")())]  # fmt: skip
+    with aot_check.LaunchRecorder() as recorder:
+        recorder.case = "decode"
+        from lowrank_kernels.ops.lora import op
+        from lowrank_kernels.ops.lora import triton as impl
+
+        x = torch.empty(1, 4096, device="meta", dtype=torch.float16)
+        w = torch.empty(4096, 4096, device="meta", dtype=torch.float16)
+        a = torch.empty(16, 4096, device="meta", dtype=torch.float16)
+        b = torch.empty(4096, 16, device="meta", dtype=torch.float16)
+        y, xa = op.lora_forward(impl, x, w, None, a, b, None, scale=2.0, rank=16, p_drop=0.0, seed=3)
+    assert y.device.type == "meta" and xa.shape == (1, 16)  # nothing ran: meta tensors hold no data
+    (spec,) = recorder.specs.values()
+    constexprs = dict(spec.constexpr_items())
+    assert spec.name == "lora_matmul_kernel" and constexprs["FUSE_SHRINK"] is True
+    assert constexprs["M"] == 1 and constexprs["stride_xk"] == 1  # integers equal to 1 are specialised
+    assert spec.signature["x_ptr"] == "*fp16" and spec.signature["K"] == "i32"
+    assert spec.signature["seed"] == "i32"  # do_not_specialize: never a constant
+    ((_, grid),) = spec.launches
+    assert grid == (4096 // constexprs["BLOCK_N"], 1, 1)
+    # the sweep's runner of the same case (forward and backward) launches the same forward specialisation
+    again = aot_check.enumerate_launches(cases=cases)
+    assert set(recorder.specs) < set(again.specs)
+
+
+def test_subset_keeps_one_16_bit_specialisation_per_coarse_class():
+    recorder = aot_check.enumerate_launches(cases=list(_few_cases()))
+    specs = aot_check.distinct_specs(recorder)
+    subset = aot_check.coarse_subset(specs)
+    classes = {s.coarse_class for s in specs if s.dtype in aot_check.SIXTEEN_BIT}
+    assert len(subset) == len(classes) and {s.coarse_class for s in subset} == classes
+    assert all(s.dtype in aot_check.SIXTEEN_BIT for s in subset)
+
+
+def test_rules_fail_spills_shared_memory_and_missing_tensor_cores():
+    recorder = aot_check.enumerate_launches(cases=list(_few_cases()))
+    by_dtype = {s.dtype: s for s in recorder.specs.values() if s.name == "lora_shrink_kernel"}
+    ok = dict(arch=90, error=None, shared=1024, spill_stores=0, spill_loads=0, local=0, dots16=1, mma="HGMMA")
+    assert aot_check.problems(by_dtype["fp16"], ok) == []
+    assert aot_check.problems(by_dtype["fp16"], {**ok, "spill_stores": 2})  # a 16-bit spill fails
+    assert aot_check.problems(by_dtype["fp16"], {**ok, "shared": 232449})
+    assert aot_check.problems(by_dtype["fp16"], {**ok, "arch": 80, "shared": 166913})
+    assert aot_check.problems(by_dtype["fp16"], {**ok, "mma": "FFMA"})
+    assert aot_check.problems(by_dtype["fp16"], {**ok, "error": "boom"})
+
+
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia").is_dir(), reason="no NVIDIA backend")
+def test_one_kernel_compiles_for_both_targets_and_reads_its_cubin():
+    """A real compile (in a subprocess: the tests run under the interpreter) of the decode shrink: registers read
+    from the cubin, no spills, tensor cores for its fp16/bf16 dot."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--subset", "--cases", r"^lora 4096x4096 M1 r16 b16 bf16 plain",
+         "--only", "lora_shrink_kernel", "--workers", "2"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| lora_shrink_kernel")]
+    assert rows, out.stdout
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    sm80_regs, sm80_spills, sm80_mma, sm90_regs, sm90_mma = cells[3], cells[4], cells[6], cells[7], cells[10]
+    assert int(sm80_regs) > 0 and int(sm90_regs) > 0 and sm80_spills == "0/0"
+    assert sm80_mma == "HMMA" and sm90_mma in ("HMMA", "HGMMA")
+    assert "0 compile errors" in out.stdout
+
+
+def test_the_subset_is_drawn_from_the_shared_registry():
+    assert set(aot_check.SUBSET_M) <= set(shapes.SWEEP_M) and set(aot_check.SUBSET_RANKS) <= set(shapes.SWEEP_RANKS)
+    full = [case for case, _ in aot_check.sweep_cases(subset=False)]
+    assert len({case.split()[1] for case in full if case.startswith("lora ")}) == len(shapes.MODEL_SHAPES)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..modules.lora import is_conv1d, linear_layout
 from ..ops.dora.op import dora_linear
 from ..ops.lora.op import lora_linear
 
@@ -60,12 +61,6 @@ def _peft_layer_types():
     return Linear, SVDLinear, BaseTunerLayer
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 style; weight [in, out], ``y = addmm(bias, x, W)``), without importing it."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
-
-
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
@@ -86,15 +81,12 @@ def _layer_problem(layer: nn.Module) -> str | None:
             return f"LoRA on a convolution ({kind.__module__}.{kind.__name__}) is not supported"
         return f"the peft layer type {kind.__module__}.{kind.__name__} is not supported (quantized or other tuner)"
     base = layer.get_base_layer()
-    fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
-    if type(base) is nn.Linear:
-        if fan_in_fan_out:
-            return "fan_in_fan_out=True on an nn.Linear base (its weight is not [in, out])"
-    elif _is_conv1d(base):
-        if not fan_in_fan_out:
-            return "a transformers Conv1D base without fan_in_fan_out=True"
-    else:
-        return f"the base layer {type(base).__module__}.{type(base).__name__} is not an nn.Linear or Conv1D"
+    try:  # the rule our own modules wrap by: nn.Linear's own forward, or a transformers Conv1D (weight [in, out])
+        _, _, transposed = linear_layout(base)
+    except TypeError as e:
+        return f"the base layer: {e}"
+    if transposed != bool(getattr(layer, "fan_in_fan_out", False)):
+        return f"fan_in_fan_out={layer.fan_in_fan_out} does not match the {type(base).__name__} base's weight layout"
     if _has_hooks(base):
         return "the base layer has forward hooks (e.g. accelerate offloading), which the fused op would skip"
     if base.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -149,7 +141,7 @@ def _dropout_p(layer: nn.Module, name: str) -> float:
 def _base_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
     """W0 as [out, in] (a Conv1D's [in, out] weight transposed: a view, never a copy) and the bias."""
     base = layer.get_base_layer()
-    weight = base.weight.t() if _is_conv1d(base) else base.weight
+    weight = base.weight.t() if is_conv1d(base) else base.weight
     return weight, base.bias
 
 

@@ -57,13 +57,13 @@ def pytest_collection_modifyitems(config, items):
         return
     mark = pytest.mark.skip(reason=reason)
     for item in items:
-        if _in_bench_dir(item):
+        if _in_bench_dir(item) and item.get_closest_marker("host") is None:  # host-overhead rows run on any machine
             item.add_marker(mark)
 
 
 @functools.cache
 def environment_info() -> dict:
-    """GPU name and software versions, written next to every result (BENCH.md: no figure without them)."""
+    """GPU name and software versions, written next to every result (no figure without them)."""
     info = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -6,7 +6,7 @@
 Ratios are a provider's time over its baseline's, timed in the same process on the same inputs (lower is better;
 1.00 = the adapter is free). At M <= 64 (decode) the ratio is of CUDA-graph replays when both sides were captured
 (how serving engines run decode; marked ``*`` when only CUDA-event times exist), else of CUDA-event medians.
-Goals: ../shared/BENCH.md, first milestone. Needs only the standard library: no GPU, no torch.
+First-milestone goals as below. Needs only the standard library: no GPU, no torch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ DECODE_MAX_M = 64
 PROVIDERS = ("fused", "tritongemm", "cuda", "eager", "peft")
 BASELINE = {"fwd": "cublas", "fwdbwd": "frozen"}
 OP_TITLE = {"fwd": "LoRA forward", "fwdbwd": "LoRA forward + backward"}
-# BENCH.md first milestone, fused over baseline; (min M it applies from, limit). fwd+bwd has no decode goal.
+# First milestone, fused over baseline; (min M it applies from, limit). fwd+bwd has no decode goal.
 GOALS = {"fwd": (1, 1.10), "fwdbwd": (2048, 1.15)}
 RANK_GOAL = 1.00  # time at b=8 over time at b=64, same R=64
 
@@ -211,7 +211,7 @@ def report(rows: list[dict], env: dict, *, detail: bool = True) -> str:
     counts = {k: {True: 0, False: 0} for k in ("fwd", "fwdbwd", "rank")}
     body = [*lora_table(rows, "fwd", misses, counts), *lora_table(rows, "fwdbwd", misses, counts)]
     body += rank_table(rows, misses, counts)
-    summary = ["## First-milestone goals (BENCH.md)", ""]
+    summary = ["## First-milestone goals", ""]
     labels = {
         "fwd": "LoRA fwd, fused <= 1.10 x cuBLAS, every M",
         "fwdbwd": "LoRA fwd+bwd, fused <= 1.15 x frozen fwd+bwd, M >= 2048",
@@ -227,6 +227,31 @@ def report(rows: list[dict], env: dict, *, detail: bool = True) -> str:
     return "\n".join([*head, *summary, *body, *tail])
 
 
+def load_host_rows(path: Path) -> list[dict]:
+    """The host-overhead rows (benchmarks/test_host_overhead_bench.py) of a pytest-benchmark JSON."""
+    if path.suffix == ".jsonl":
+        return []
+    data = json.loads(path.read_text())
+    return [b["extra_info"] for b in data["benchmarks"] if (b.get("extra_info") or {}).get("kind") == "host"]
+
+
+def host_table(rows: list[dict]) -> str:
+    """Host overhead per call (CPU, one thread, x [1, 64], 64 -> 64, r = 8), against nn.Linear and peft's layer."""
+    if not rows:
+        return ""
+    lines = ["## Host overhead per call (CPU, one thread, eval, no grad, x [1, 64], 64 -> 64, r = 8)", "",
+             "| row | path | median µs | / nn.Linear | / peft layer |", "|---|---|---|---|---|"]  # fmt: skip
+    medians = {(r["row"], r["path"]): r["median_us"] for r in rows}
+    linear, peft = medians.get(("nn.Linear", "torch")), medians.get(("peft LoRA layer", "torch"))
+    for row in sorted(rows, key=lambda r: r["median_us"]):
+        t = row["median_us"]
+        lines.append(f"| {row['row']} | {row['path']} | {t:.1f} | {fmt(linear and t / linear)} | "
+                     f"{fmt(peft and t / peft)} |")  # fmt: skip
+    note = ("`triton-stubbed`: the Triton backend's whole host path with each kernel launch replaced by a no-op "
+            "(what a GPU call pays on top of its launches).")  # fmt: skip
+    return "\n".join([*lines, "", note, ""]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="pytest-benchmark JSON (--benchmark-json) or LOWRANK_BENCH_JSONL file")
@@ -237,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as exc:  # missing, empty (pytest-benchmark saved nothing) or not ours
         print(f"report.py: cannot read {args.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    sys.stdout.write(report(rows, env, detail=not args.no_detail))
+    host = load_host_rows(args.path)
+    if rows or not host:
+        sys.stdout.write(report(rows, env, detail=not args.no_detail))
+    sys.stdout.write(host_table(host))
     return 0
 
 

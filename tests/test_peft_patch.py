@@ -48,10 +48,11 @@ def token_batch(batch=3, seq=7, seed=1):
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def logits_and_grads(model, ids, **kwargs):
-    """Logits and the gradient of every trainable parameter (by name) for a fixed random cotangent."""
+def logits_and_grads(model, ids, run=None, **kwargs):
+    """Logits and the gradient of every trainable parameter (by name) for a fixed random cotangent; ``run``: what
+    computes the logits (default: ``model`` itself, e.g. its ``torch.compile``)."""
     model.zero_grad(set_to_none=True)
-    logits = model(ids, **kwargs).logits
+    logits = (model if run is None else run)(ids, **kwargs).logits
     weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     weights = weights.to(logits.dtype)
     (logits * weights).sum().backward()
@@ -221,6 +222,17 @@ def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own_tensors(fused_call
         ids = token_batch()
         assert rel_err(clone(ids).logits, model(ids).logits) > 1e-4
     assert fused_calls["lora"] == 2 * NUM_LAYERS_ALL_LINEAR
+
+
+def test_torch_compile_of_a_patched_model(fused_calls):
+    kind = "lora"  # DoRA compiles the same way (its ops are registered alike); one model keeps the file fast
+    model = peft_llama(kind)
+    ids = token_batch()
+    expected = logits_and_grads(model, ids)
+    patch_peft_model(model)
+    compiled = torch.compile(model, backend="aot_eager")  # traces the custom ops (their fake implementations)
+    assert_same(logits_and_grads(model, ids, run=compiled), expected)
+    assert fused_calls["dora" if kind == "dora" else "lora"] >= NUM_LAYERS_ALL_LINEAR
 
 
 def test_an_instance_forward_set_before_the_patch_comes_back():

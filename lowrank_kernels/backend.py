@@ -120,15 +120,15 @@ def _dtype_reason(name: str, dtypes: set[torch.dtype]) -> str | None:
 
 def choose(op: str, device: torch.device, tensors: Iterable[torch.Tensor | None]) -> str:
     """The backend that runs ``op`` on ``device`` for these tensor arguments (see the module docstring)."""
-    dtypes = {t.dtype for t in tensors if t is not None and t.is_floating_point()}
     name = requested_backend()
+    if name is None and device.type != "cuda":
+        return "torch"
+    dtypes = {t.dtype for t in tensors if t is not None and t.is_floating_point()}
     if name is not None:
         reason = availability(name, device) or _dtype_reason(name, dtypes)
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} was requested for {op} but {reason}")
         return name
-    if device.type != "cuda":
-        return "torch"
     if _dtype_reason("triton", dtypes) is not None:  # float64: the reference's alone, decided by dtype
         return "torch"
     for name in ("triton", "cuda"):

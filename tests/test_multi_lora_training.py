@@ -150,13 +150,19 @@ def alone_layers(layer, dtype):
 
 
 @pytest.mark.parametrize("backend, dtype", CASES)
-def test_training_together_equals_training_alone(backend, dtype):
+@pytest.mark.parametrize("job_ranks", [False, True], ids=["full-rank", "job-ranks"])
+def test_training_together_equals_training_alone(backend, dtype, job_ranks):
     """n adapters trained in one mixed batch (unsorted, repeated ids, rows without adapter, a DoRA slot, 3-D input:
     one id per sequence) get, each, the gradients and -- over a few Adam steps -- the weights of training it
-    alone on its own rows with LoRALinear / DoRALinear."""
+    alone on its own rows with LoRALinear / DoRALinear. ``job_ranks``: jobs 0 and 2 train at a truncated rank
+    (DyLoRA-style, per row), as LoRALinear.set_rank(b) alone."""
     layer, names = make_layer(dtype)
     alone = alone_layers(layer, dtype)
     seq_ids = [2, 0, -1, 1, 0, 4, 1]  # one per sequence of a [7, 3, K] input
+    job_rank = {0: 2, 2: 5} if job_ranks else {}
+    for slot, b in job_rank.items():
+        alone[slot].set_rank(b)
+    seq_ranks = [job_rank.get(a) for a in seq_ids]
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     opts = {s: torch.optim.Adam(m.parameters(), lr=1e-2) for s, m in alone.items()}
     g = torch.Generator().manual_seed(3)
@@ -164,7 +170,7 @@ def test_training_together_equals_training_alone(backend, dtype):
         x = torch.randn(len(seq_ids), 3, K, generator=g).to(DEVICE, dtype)
         target = torch.randn(len(seq_ids), 3, N, generator=g).to(DEVICE, dtype)
         opt.zero_grad()
-        with use_backend(backend), train_batch(layer, seq_ids):
+        with use_backend(backend), train_batch(layer, seq_ids, ranks=seq_ranks):
             ((layer(x) - target) ** 2).sum().backward()
         opt.step()
         for slot, single in alone.items():
@@ -185,6 +191,8 @@ def test_training_together_equals_training_alone(backend, dtype):
         if SPECS[slot][3]:
             assert rel_err(w.magnitude, single.lora_magnitude_vector) < 10 * TOL[dtype]
     assert not layer.pool.lora_A[3].any() and not layer.pool.lora_A[0, 4:].any(), "unused entries moved"
+    if job_ranks:  # ranks past a job's active rank got no gradient and kept their values
+        assert not layer.pool.lora_A.grad[0, 2:].any() and not layer.pool.lora_B.grad[2, :, 5:].any()
 
 
 def test_dora_norm_follows_the_trained_weights():

@@ -1,6 +1,6 @@
 """``AdaLoRALinear``: peft's AdaLoRA ``SVDLinear`` as a drop-in ``nn.Linear``, computed by the fused LoRA op.
 
-AdaLoRA (DESIGN.md §3) parameterises the update in SVD form, ``delta W = P diag(lambda) Q``, and prunes the least
+AdaLoRA parameterises the update in SVD form, ``delta W = P diag(lambda) Q``, and prunes the least
 important triplets ``(P[:, i], lambda_i, Q[i])`` during training (``lowrank_kernels.training.adalora.RankAllocator``)::
 
     y = x W0^T + bias + s' * ((drop(x) Q^T) * (lambda * keep)) P^T,    s' = scaling / (ranknum + 1e-5)

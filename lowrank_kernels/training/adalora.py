@@ -1,4 +1,4 @@
-"""AdaLoRA training helpers (AdaLoRA paper, Algorithm 1; DESIGN.md §3): the rank allocator, the orthogonality penalty.
+"""AdaLoRA training helpers (AdaLoRA paper, Algorithm 1): the rank allocator, the orthogonality penalty.
 
 AdaLoRA trains ``AdaLoRALinear`` layers (``delta W = P diag(lambda) Q``, allocated rank ``init_r`` each) while a
 global budget of triplets ``(P[:, i], lambda_i, Q[i])`` shrinks from ``init_r`` per layer to ``target_r`` per layer

@@ -1,4 +1,4 @@
-"""DyLoRA training helpers (DyLoRA paper, Algorithm 1; see docs DESIGN.md section 3).
+"""DyLoRA training helpers (DyLoRA paper, Algorithm 1).
 
 DyLoRA trains one LoRA adapter of allocated rank ``r`` so that *every* truncation ``b <= r`` of it is usable:
 each training step samples an active rank ``b ~ p_B`` and runs the forward/backward pass with only

@@ -666,7 +666,8 @@ def _op_args(dtype=torch.float32):
     x = make_x(5, 12, dtype)
     return (x, linear.weight, linear.bias, pool.lora_A, pool.lora_B, pool.magnitude_scale, pool.dora_slots,
             batch.row_slot, batch.row_rank, batch.row_scale, batch.sorted_rows, batch.tiles, batch.slot_rows,
-            batch.block_m, batch.has_adapter, batch.has_dora, 0.0, None, False), (linear, pool, batch)  # fmt: skip
+            batch.block_m, batch.has_adapter, batch.has_dora, 0.0, None, False,
+            False), (linear, pool, batch)  # fmt: skip
 
 
 def test_opcheck_multi_lora_fwd():

@@ -370,7 +370,7 @@ def test_opcheck_training_ops():
     g = pool.magnitude_scale.detach().requires_grad_()
     args = (x, layer.weight, layer.bias, pool.lora_A, pool.lora_B, g, pool.dora_slots, batch.row_slot, batch.row_rank,
             batch.row_scale, batch.sorted_rows, batch.tiles, batch.slot_rows, batch.block_m, batch.has_adapter,
-            batch.has_dora, 0.25, seed, True)  # fmt: skip
+            batch.has_dora, 0.25, seed, True, True)  # fmt: skip
     torch.library.opcheck(torch.ops.lowrank_kernels.multi_lora_fwd.default, args)
     norm_args = (layer.weight, pool.lora_A.detach(), pool.lora_B.detach(), [1], [2.0], [3])
     torch.library.opcheck(torch.ops.lowrank_kernels.multi_lora_norm.default, norm_args)

@@ -169,8 +169,13 @@ def multi_lora_fwd(
     dropout_p: float,
     seed: Tensor | None,
     save_z: bool,
+    needs_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x: [M, K] -> (y [M, N], xa [M, R] compute dtype, z [M, N] if save_z else empty [0]).
+    """x: [M, K] -> (y [M, N], xa [M, R] compute dtype (empty [0] unless needs_backward), z [M, N] if save_z else
+    empty [0]).
+
+    ``needs_backward`` False (serving): a backend's ``serving_forward`` may run the layer in fewer launches, and
+    nothing is kept for a backward.
 
     The pool's tensors, then the batch's (``AdapterBatch``), see ``naive.py``. ``has_adapter`` False (every row -1):
     the bare ``F.linear`` and no adapter launch (in a CUDA-graph capture too); xa is then all zero.
@@ -178,23 +183,30 @@ def multi_lora_fwd(
     """
     M, R = x.shape[0], lora_A.shape[1]
     if M == 0 or not has_adapter:
-        xa = x.new_zeros(M, R, dtype=naive.compute_dtype(x.dtype))
+        xa = x.new_zeros(M if needs_backward else 0, R if needs_backward else 0, dtype=naive.compute_dtype(x.dtype))
         return F.linear(x, weight, bias), xa, x.new_zeros(M, weight.shape[0]) if save_z else x.new_empty(0)
     bias = contiguous_vector(bias)  # the kernels read 1-D vectors contiguous
     meta = BatchTensors(row_slot, row_rank, row_scale, sorted_rows, tiles, slot_rows, block_m)
     impl = implementation(_backend_for("multi_lora_fwd", x, weight, bias, lora_A, lora_B))
+    serving = getattr(impl, "serving_forward", None)
+    if serving is not None and not needs_backward and not save_z and dropout_p == 0.0:
+        y = serving(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, meta)
+        return y, x.new_empty(0, 0, dtype=naive.compute_dtype(x.dtype)), x.new_empty(0)
     y, xa, z = multi_lora_forward(impl, x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, meta,
                                   has_dora=has_dora, p_drop=dropout_p, seed=seed_int(seed), save_z=save_z)  # fmt: skip
     if save_z and z is None:
         z = x.new_zeros(M, weight.shape[0])
+    if not needs_backward:
+        xa = x.new_empty(0, 0, dtype=xa.dtype)
     return y, xa, x.new_empty(0) if z is None else z
 
 
 @multi_lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, row_rank, row_scale, sorted_rows, tiles,
-      slot_rows, block_m, has_adapter, has_dora, dropout_p, seed, save_z):  # fmt: skip
+      slot_rows, block_m, has_adapter, has_dora, dropout_p, seed, save_z, needs_backward):  # fmt: skip
     M, N = x.shape[0], weight.shape[0]
-    xa = x.new_empty(M, lora_A.shape[1], dtype=naive.compute_dtype(x.dtype))
+    xa_shape = (M, lora_A.shape[1]) if needs_backward else (0, 0)
+    xa = x.new_empty(*xa_shape, dtype=naive.compute_dtype(x.dtype))
     return x.new_empty(M, N), xa, x.new_empty(M, N) if save_z else x.new_empty(0)
 
 
@@ -261,7 +273,7 @@ _BATCH_INPUTS = slice(7, 16)  # row_slot .. has_dora in multi_lora_fwd's inputs
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots = inputs[:7]
     row_slot, row_rank, row_scale, sorted_rows, tiles, slot_rows, block_m, has_adapter, has_dora = inputs[_BATCH_INPUTS]
-    dropout_p, seed, _ = inputs[16:]
+    dropout_p, seed = inputs[16:18]
     _, xa, z = output
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude_scale, dora_slots, xa, z, row_slot, row_rank,
                           row_scale, sorted_rows, tiles, slot_rows, seed)  # fmt: skip
@@ -282,7 +294,7 @@ def _backward(ctx, grad_out, _grad_xa, _grad_z):
         raise RuntimeError("multi_lora_linear trains the adapters of a frozen base layer: weight and bias must not "
                            "require grad")  # fmt: skip
     return (dx if needs[0] else None, None, None, dA if needs[3] else None, dB if needs[4] else None,
-            dg if needs[5] else None, *([None] * 13))  # fmt: skip
+            dg if needs[5] else None, *([None] * 14))  # fmt: skip
 
 
 multi_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -351,11 +363,12 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pool, batc
     lead, K = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(math.prod(lead), K)
     g = pool.magnitude_scale
-    save_z = batch.has_dora and torch.is_grad_enabled() and g.requires_grad
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pool.lora_A, pool.lora_B, g))
+    save_z = batch.has_dora and needs_backward and g.requires_grad
     y, _, _ = torch.ops.lowrank_kernels.multi_lora_fwd(
         x2d, weight, bias, pool.lora_A, pool.lora_B, g, pool.dora_slots, batch.row_slot, batch.row_rank,
         batch.row_scale, batch.sorted_rows, batch.tiles, batch.slot_rows, batch.block_m, batch.has_adapter,
-        batch.has_dora, dropout, seed_t, save_z,
+        batch.has_dora, dropout, seed_t, save_z, needs_backward,
     )  # fmt: skip
     return y.reshape(*lead, weight.shape[0])
 

@@ -105,7 +105,7 @@ def multi_lora_shrink_kernel(
     tl.store(p_t, b_acc, mask=m_p[:, None] & m_r[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "num_splits"])  # a loop bound read as a tensor; 1 would become a constexpr
 def multi_lora_expand_kernel(
     t_ptr,
     b_ptr,
@@ -118,9 +118,11 @@ def multi_lora_expand_kernel(
     sorted_rows_ptr,
     tiles_ptr,
     N,
+    num_splits,
     seed,
     p_drop,
     drop_scale,
+    stride_ts,
     stride_tm,
     stride_tr,
     stride_bs,
@@ -146,6 +148,8 @@ def multi_lora_expand_kernel(
 ):
     """y[row] += low = t[row, :tile_rank] B[slot, :, :tile_rank]^T, in place (``naive.segment_expand``).
 
+    t: float32 [num_splits, M, R], the shrink's K-split partials, summed here (serving reads them unreduced).
+
     HAS_DROPOUT: ``low`` times the [M, N] dropout mask (the backward's dx). HAS_DORA, on DoRA slots: without HAS_YD
     ``z = y - bias + low``, ``y = g z + bias``; with it (``yd = drop(x) W0^T``) ``z = yd + low``,
     ``y = y + (g - 1) yd + g low``; SAVE_Z stores z. Each row is in exactly one tile, so no two programs touch one
@@ -167,8 +171,10 @@ def multi_lora_expand_kernel(
     for r_start in range(0, tile_rank, BLOCK_R):
         o_r = r_start + tl.arange(0, BLOCK_R)
         m_r = o_r < tile_rank
-        b_t = tl.load(t_ptr + o_row[:, None] * stride_tm + o_r[None, :] * stride_tr, mask=m_p[:, None] & m_r[None, :],
-                      other=0.0)  # fmt: skip
+        p_t = t_ptr + o_row[:, None] * stride_tm + o_r[None, :] * stride_tr
+        b_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in range(0, num_splits):
+            b_t += tl.load(p_t + s * stride_ts, mask=m_p[:, None] & m_r[None, :], other=0.0)
         p_b = b_ptr + slot64 * stride_bs + o_n[:, None] * stride_bn + o_r[None, :] * stride_br
         b_b = tl.load(p_b, mask=m_n[:, None] & m_r[None, :], other=0.0)
         b_acc = tl.dot(b_t.to(b_b.dtype), tl.trans(b_b), b_acc, input_precision=DOT_PRECISION)
@@ -288,11 +294,11 @@ def _dropout_args(p_drop: float) -> tuple[float, float]:
     return (p_drop, keep_factor(p_drop)) if p_drop > 0.0 else (0.0, 1.0)
 
 
-def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
-    """t [M, R] float32 = s_t drop(x[t]) a[i_t, :b_t]^T, zero past b_t and on rows without adapter (``naive``'s).
-
-    x: [M, K], a: [n, R, K] (any strides). Split over K when the batch has few tiles; the splits are summed in a
-    fixed order (deterministic)."""
+def shrink_partials(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 0.0, seed: int = 0,
+                    zeroed: bool = True) -> Tensor:  # fmt: skip
+    """The shrink's K-split partials, float32 [splits, M, R] (their sum is ``segment_shrink``). Split over K when
+    the batch has few tiles; ``zeroed``: entries no tile writes (rows without adapter, ranks past a tile's) are 0,
+    else unwritten (the expand reads none of them)."""
     M, K = x.shape
     R = a.shape[1]
     T = meta.tiles.shape[0]
@@ -302,9 +308,9 @@ def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 
     splits = _k_splits(T, rank_blocks, K, block_k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, k_per_split)
-    t = torch.zeros(splits, M, R, device=x.device, dtype=torch.float32)
+    t = (torch.zeros if zeroed else torch.empty)(splits, M, R, device=x.device, dtype=torch.float32)
     if T == 0 or M == 0:
-        return t.sum(0)
+        return t
     p, scale = _dropout_args(p_drop)
     multi_lora_shrink_kernel[(T, rank_blocks, splits)](
         x, a, t, meta.sorted_rows, meta.row_rank, meta.row_scale, meta.tiles, K, k_per_split, seed, p, scale,
@@ -312,17 +318,27 @@ def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 
         HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=meta.block_m, BLOCK_K=block_k,
         BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
-    return t[0] if splits == 1 else t.sum(0)
+    return t
+
+
+def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
+    """t [M, R] float32 = s_t drop(x[t]) a[i_t, :b_t]^T, zero past b_t and on rows without adapter (``naive``'s).
+
+    x: [M, K], a: [n, R, K] (any strides). The K splits are summed in a fixed order (deterministic)."""
+    t = shrink_partials(x, a, meta, p_drop=p_drop, seed=seed)
+    return t[0] if t.shape[0] == 1 else t.sum(0)
 
 
 def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None, bias=None, yd=None,
                    save_z=False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """(y + low, z | None) as ``naive.segment_expand``, y updated in place (a fresh product from the caller).
 
-    y: [M, N]; t: [M, R] float32; u: [n, N, R] (any strides); dora: (g [n, N], dora_slots [n]) | None."""
+    y: [M, N]; t: [M, R] float32 (or the shrink's [splits, M, R] partials); u: [n, N, R] (any strides);
+    dora: (g [n, N], dora_slots [n]) | None."""
     M, N = y.shape
     R = u.shape[2]
     T = meta.tiles.shape[0]
+    t = t if t.dim() == 3 else t.unsqueeze(0)
     z = torch.zeros_like(y) if save_z else None
     if T == 0 or M == 0:
         return y, z
@@ -333,8 +349,9 @@ def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None
     yd_t = y if yd is None else yd
     z_t = y if z is None else z
     multi_lora_expand_kernel[(T, triton.cdiv(N, block_n))](
-        t, u, y, bias if bias is not None else y, g, dora_slots, yd_t, z_t, meta.sorted_rows, meta.tiles, N, seed, p,
-        scale, t.stride(0), t.stride(1), u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1),
+        t, u, y, bias if bias is not None else y, g, dora_slots, yd_t, z_t, meta.sorted_rows, meta.tiles, N, t.shape[0],
+        seed, p, scale, t.stride(0), t.stride(1), t.stride(2), u.stride(0), u.stride(1), u.stride(2), y.stride(0),
+        y.stride(1),
         g.stride(0), g.stride(1) if g.dim() == 2 else 0, yd_t.stride(0), yd_t.stride(1), z_t.stride(0), z_t.stride(1),
         HAS_BIAS=bias is not None, HAS_DORA=dora is not None, HAS_YD=yd is not None, SAVE_Z=z is not None,
         HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(y.dtype), BLOCK_M=meta.block_m, BLOCK_N=block_n,
@@ -363,12 +380,18 @@ def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int,
     return out
 
 
-def multi_lora_forward(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, row_rank, row_scale,
-                       sorted_rows, tiles, block_m) -> Tensor:  # fmt: skip
-    """Serving forward with the gather-bmm's interface (``naive.multi_lora_forward``): base GEMM, shrink, expand."""
-    slot_rows = torch.zeros(lora_A.shape[0], 2, dtype=torch.int32, device=x.device)  # unread by the forward
-    meta = BatchTensors(row_slot, row_rank, row_scale, sorted_rows, tiles, slot_rows, block_m)
+def serving_forward(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, meta: BatchTensors) -> Tensor:
+    """The forward without autograd (no xa kept, no dropout): the expand sums the shrink's K-split partials itself,
+    so a decode step is three launches (GEMM, shrink, expand), as CUDA-graph replays want. y [M, N]."""
     y = torch.nn.functional.linear(x, weight, bias)
-    t = segment_shrink(x, lora_A, meta)
+    t = shrink_partials(x, lora_A, meta, zeroed=False)
     y, _ = segment_expand(y, t, lora_B, meta, dora=(magnitude_scale, dora_slots), bias=bias)
     return y
+
+
+def multi_lora_forward(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, row_rank, row_scale,
+                       sorted_rows, tiles, block_m) -> Tensor:  # fmt: skip
+    """Serving forward with the gather-bmm's interface (``naive.multi_lora_forward``)."""
+    slot_rows = torch.zeros(lora_A.shape[0], 2, dtype=torch.int32, device=x.device)  # unread by the forward
+    meta = BatchTensors(row_slot, row_rank, row_scale, sorted_rows, tiles, slot_rows, block_m)
+    return serving_forward(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, meta)

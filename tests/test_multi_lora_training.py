@@ -73,7 +73,10 @@ def mixed_grads(backend, layer, x, ids, ranks, grad_out, *, dropout=0.0, seed=No
     return y, x.grad
 
 
-@pytest.mark.parametrize("backend, dtype", CASES)
+HALF_CASES = [pytest.param(b, torch.float16, id=f"{b}-f16") for b in kernel_backends()]
+
+
+@pytest.mark.parametrize("backend, dtype", CASES + HALF_CASES)
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "dropout"])
 def test_gradients_match_the_per_row_spec(backend, dtype, dropout):
     """dx, per-slot dA / dB (zero past each row's rank, for unused and empty slots) and DoRA's dm, against float64

@@ -11,7 +11,9 @@ and an active rank ``b_t <= r_i`` (default ``r_i``)::
 with ``s_t = alpha_i / b_t`` (rsLoRA: ``alpha_i / sqrt(b_t)``): LoRA's ``alpha / r`` at full rank, DyLoRA's Eq. 7 at a
 truncated rank. DoRA's row norm is taken over K for each output row and is a constant at inference (computed once,
 when the adapter is loaded), so a DoRA row costs a LoRA row plus a per-column scale; its rank is not truncated (``g_i``
-belongs to the full-rank weight).
+belongs to the full-rank weight). In training ``g_i`` is recomputed from the current ``A_i, B_i, m_i`` at every
+forward (the norm detached, ``pool_row_norm``). With adapter dropout a LoRA row uses ``drop(x[t])`` in its low-rank
+term and a DoRA row takes peft's form ``x W0^T + bias + (g_i - 1) drop(x) W0^T + g_i s_t (drop(x) A_i^T) B_i^T``.
 
 - ``multi_lora_linear_ref``: the spec, one row at a time, DoRA's norm from the materialised ``W0 + s B A``: the tests'
   oracle. Slow on purpose; nothing in it is shared with the backends.

@@ -413,3 +413,18 @@ def test_gpu_training_realistic(backend, dtype):
         out[name] = (y, xi.grad, pool.lora_A.grad, pool.lora_B.grad, pool.magnitude.grad)
     for got, want in zip(out[backend], out["torch"], strict=True):
         assert rel_err(got, want) < REL_TOL[dtype]
+
+
+def test_adapter_state_in_peft_layout_and_parameters():
+    """A trainable pool's tensors are parameters (one optimizer trains every adapter); adapter_state gives one
+    adapter back in peft's layout (detached copies at its own rank)."""
+    layer, _ = make_layer(torch.float32)
+    names = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert names == {"pool.lora_A", "pool.lora_B", "pool.magnitude"}  # W0 and bias stay frozen
+    lora, dora = layer.adapter_state("job2"), layer.adapter_state("job1")
+    assert set(lora) == {"lora_A.weight", "lora_B.weight"}
+    assert set(dora) == {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
+    assert lora["lora_A.weight"].shape == (8, K) and dora["lora_B.weight"].shape == (N, 3)
+    assert torch.equal(dora["lora_magnitude_vector"], layer.pool.magnitude[1].detach())
+    dora["lora_A.weight"].zero_()  # a copy: the pool is untouched
+    assert layer.pool.lora_A[1, :3].abs().sum() > 0

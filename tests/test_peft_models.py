@@ -406,6 +406,13 @@ def test_qlora_unsupported_paths_are_refused_clearly():
     with pytest.raises(TypeError, match="serving adapters on a bitsandbytes 4-bit base is not supported"):
         inject_multi_lora(model, ["q_proj"], capacity=2, max_rank=2)
     assert not adapter_layers(model)
+    layers = {n: model.get_submodule(n) for n in find_names(model, "q_proj")}
     names = inject_adapters(model, ["q_proj"])
     with pytest.raises(NotImplementedError, match="would re-quantise it"):
         model.get_submodule(names[0]).merge()
+    remove_adapters(model)  # the bitsandbytes layers themselves come back
+    assert all(model.get_submodule(n) is layer for n, layer in layers.items())
+
+
+def find_names(model, leaf: str) -> list[str]:
+    return [n for n, _ in model.named_modules() if n.endswith(f".{leaf}")]

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..modules.adalora import AdaLoRALinear
 from ..modules.dora import DoRALinear
-from ..modules.lora import LoRALinear, is_conv1d, is_linear4bit, linear_layout
+from ..modules.lora import LoRALinear, Quantized4bitBase, is_conv1d, is_linear4bit, linear_layout
 from ..modules.multi_lora import MultiLoRALinear
 
 __all__ = [
@@ -430,6 +430,8 @@ def _plain_layer(layer: nn.Module) -> nn.Module:
     conv1d = getattr(layer, "_conv1d_base", None)  # a MultiLoRALinear built by multi_lora_from
     if conv1d is not None:
         return conv1d
+    if isinstance(layer, Quantized4bitBase):  # the bitsandbytes layer itself, packed weight and all
+        return layer.base_layer
     if getattr(layer, "fan_in_fan_out", False):
         from transformers.pytorch_utils import Conv1D
 

@@ -46,9 +46,35 @@ def check_vector(name: str, t, n: int, what: str, ref_name: str, ref: Tensor, *,
     check_like(name, t, ref_name, ref, same_dtype=same_dtype)
 
 
+def _signature(t) -> tuple | None:
+    """What the checks read of an argument: shape, dtype, device (None for None)."""
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+_VALIDATED: set[tuple] = set()  # signatures of check_lora_inputs calls that passed: checked once, not every call
+
+
 def check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank) -> int:
     """Validate a low-rank layer's tensors (x: [..., K], weight: [N, K], lora_A: [R, K], lora_B: [N, R], bias: [N],
-    rank_scale: [R]) and active rank; returns the active rank (R when ``rank`` is None)."""
+    rank_scale: [R]) and active rank; returns the active rank (R when ``rank`` is None).
+
+    The checks read only shapes, dtypes and devices, so a call whose tensors have the signature of one that passed
+    is not checked again (a set lookup instead of ~20 checks: the per-call host cost matters at decode sizes).
+    """
+    tensors = (x, weight, bias, lora_A, lora_B, rank_scale)
+    if all(t is None or type(t) is Tensor or isinstance(t, Tensor) for t in tensors) and (rank is None or is_int(rank)):
+        key = (*map(_signature, tensors), rank)
+        if key in _VALIDATED:
+            return lora_A.shape[0] if rank is None else int(rank)
+        b = _check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank)
+        if len(_VALIDATED) > 4096:  # bounded: a long run over many shapes keeps checking, never grows without end
+            _VALIDATED.clear()
+        _VALIDATED.add(key)
+        return b
+    return _check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank)
+
+
+def _check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank) -> int:
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (its last is in_features)")

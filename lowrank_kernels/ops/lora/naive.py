@@ -100,6 +100,11 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _first(t: Tensor, rank: int) -> Tensor:
+    """``t[:, :rank]``, without a slice when that is all of it (slicing costs ~1 us a call on the host)."""
+    return t if t.shape[1] == rank else t[:, :rank]
+
+
 def keep_factor(p: float) -> float:
     """1 / (1 - p) in float32 arithmetic: the value of a kept entry of every backend's mask."""
     one = torch.ones((), dtype=torch.float32)
@@ -150,10 +155,10 @@ def lowrank_matmul(
     """
     compute = compute_dtype(x.dtype)
     xc, wt = _as(x, compute), _as(w, compute).t()
-    tv = _as(t[:, :rank], compute)
+    tv = _as(_first(t, rank), compute)
     if v is not None:
         tv = tv * _as(v[:rank], compute)
-    up = _as(u[:, :rank], compute).t()
+    up = _as(_first(u, rank), compute).t()
     rest = None
     bias_in_gemm = bias is not None and col_scale is None and dropped_x is None and not save_z  # plain LoRA
     if bias_in_gemm:

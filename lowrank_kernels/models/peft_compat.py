@@ -18,14 +18,24 @@ The format, as peft 0.21 writes it (checked against ``PeftModel.save_pretrained`
   init_r}`` and the file holds only the kept triplets (k = the kept count), while peft's ``ranknum`` stays
   ``init_r`` (scale ``lora_alpha / init_r``). Loaded here into ``AdaLoRALinear(r=init_r)`` with the kept triplets at
   their positions, the masked ones zero and masked (``set_triplet_mask``; ``compact()`` for inference).
+* ``modules_to_save`` (e.g. every ``task_type="SEQ_CLS"`` adapter's head): the trained copy's own state dict under
+  the module's name, ``base_model.model.<module>.<key>`` (no ``modules_to_save.<adapter>``).
+* ``bias="all"``: every ``*.bias`` of peft's live model under its live name (a wrapped layer's as
+  ``<module>.base_layer.bias``; a copy's as ``<module>.modules_to_save[.<adapter>].<key>`` and
+  ``<module>.original_module.<key>``); ``"lora_only"``: the wrapped layers' ``<module>.base_layer.bias`` (none on a
+  bias-free model: the same file as ``"none"``).
+
+Conv1D layers (GPT-2, peft's ``fan_in_fan_out``) have the same adapter keys and shapes as nn.Linear ones; a
+bitsandbytes ``Linear4bit`` base (QLoRA) takes LoRA or DoRA.
 
 Config fields: ``r``, ``lora_alpha``, ``use_rslora``, ``lora_dropout``, ``use_dora``, ``target_modules`` (list,
 regex or ``"all-linear"``), ``exclude_modules``, ``rank_pattern``, ``alpha_pattern`` (LoRA); ``init_r``,
 ``lora_alpha``, ``lora_dropout``, target/exclude and the boolean ``rank_pattern`` (AdaLoRA, whose ``r``,
-``use_rslora`` and ``alpha_pattern`` peft ignores, and whose schedule fields only matter for training). Metadata is
-ignored. Every other field must be at its default: one that changes the numbers (``bias``, ``lora_bias``,
-``modules_to_save``, ``layers_to_transform``, a base-rewriting ``init_lora_weights`` such as PiSSA...) or that this
-module does not know raises ``ValueError`` naming it, as do missing, unexpected or misshapen tensors, and a target
+``use_rslora`` and ``alpha_pattern`` peft ignores, and whose schedule fields only matter for training); for both
+``bias``, ``modules_to_save``, ``layers_to_transform``, ``layers_pattern`` and ``task_type``, as peft reads them.
+Metadata is ignored. Every other field must be at its default: one that changes the numbers (``lora_bias``, a
+base-rewriting ``init_lora_weights`` such as PiSSA or OLoRA, LoRA on an ``nn.Embedding``...) or that this module
+does not know raises ``ValueError`` naming it in words, as do missing, unexpected or misshapen tensors, and a target
 set that differs from the modules the file has weights for. Nothing is changed in the model before all checks pass.
 """
 

@@ -105,3 +105,22 @@ def test_float64_stays_float64_end_to_end():
         assert y.dtype == torch.float64 and rel_err(y, y_ref) < REL_TOL[torch.float64]
         for g, g_ref in zip(grads, grads_ref, strict=True):
             assert g.dtype == torch.float64 and rel_err(g, g_ref) < REL_TOL[torch.float64]
+
+
+def test_float64_pool_keeps_float64_row_scales():
+    """A float64 pool's per-row scale ``alpha / b`` stays float64 (it was float32: 1.2e-8 off at alpha / b = 8 / 3)."""
+    from lowrank_kernels import AdapterBatch, AdapterPool, multi_lora_linear
+    from lowrank_kernels.ops.multi_lora.naive import multi_lora_linear_ref
+
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(20, 12, dtype=torch.float64).to(DEVICE)
+    pool = AdapterPool.for_linear(linear, 2, 3)
+    A, B = torch.randn(3, 20, generator=g, dtype=torch.float64), torch.randn(12, 3, generator=g, dtype=torch.float64)
+    pool.add("a", A.to(DEVICE), B.to(DEVICE), alpha=8.0)
+    ids = [0, -1, 0]
+    batch = AdapterBatch.build(pool, ids)
+    assert batch.row_scale.dtype == torch.float64
+    x = torch.randn(3, 20, generator=g, dtype=torch.float64).to(DEVICE)
+    y = multi_lora_linear(x, linear.weight, linear.bias, pool, batch)
+    y_ref = multi_lora_linear_ref(x, linear.weight, linear.bias, ids, [pool.weights("a")])
+    assert rel_err(y, y_ref) < REL_TOL[torch.float64]

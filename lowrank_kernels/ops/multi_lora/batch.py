@@ -70,7 +70,7 @@ class AdapterBatch:
     Device tensors (one buffer, one host-to-device copy; shapes depend only on ``num_rows`` and the pool's capacity):
 
     - ``row_slot [M]`` int32: the slot of each row (-1: no adapter); ``row_rank [M]`` int32: its active rank ``b_t``
-      (0 without adapter); ``row_scale [M]`` float32: ``s_t`` (``alpha / b_t``, rsLoRA ``alpha / sqrt(b_t)``).
+      (0 without adapter); ``row_scale [M]`` float32 (float64 for a float64 pool): ``s_t`` (``alpha / b_t``, rsLoRA ``alpha / sqrt(b_t)``).
     - ``sorted_rows [M]`` int32: the rows with an adapter grouped by slot (stable: a request's rows stay in order),
       then the rows without.
     - ``tiles [T, 4]`` int32: ``(slot, start, end, max rank)`` of each run of at most ``block_m`` sorted rows that
@@ -85,8 +85,9 @@ class AdapterBatch:
 
     def __init__(self, packed: Tensor, *, num_rows: int, num_ids: int, seq_lens: tuple[int, ...] | None,
                  num_tiles: int, num_segments: int, has_adapter: bool, has_dora: bool, capacity: int,
-                 signature: tuple) -> None:  # fmt: skip
+                 signature: tuple, scale_dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
         self._packed = packed
+        self.scale_dtype = scale_dtype  # float64 for a float64 pool: the oracle dtype stays float64 end to end
         self.num_rows, self.num_ids, self.seq_lens = num_rows, num_ids, seq_lens
         self.num_tiles, self.num_segments, self.has_adapter = num_tiles, num_segments, has_adapter
         self.has_dora, self.capacity = has_dora, capacity
@@ -102,10 +103,11 @@ class AdapterBatch:
         p = self._packed
         self.row_slot = p[0:M]
         self.row_rank = p[M : 2 * M]
-        self.row_scale = p[2 * M : 3 * M].view(torch.float32)
-        self.sorted_rows = p[3 * M : 4 * M]
-        self.slot_rows = p[4 * M : 4 * M + 2 * self.capacity].view(-1, 2)
-        self.tiles = p[4 * M + 2 * self.capacity :].view(-1, 4)
+        end = (2 + self.scale_dtype.itemsize // 4) * M  # a float64 scale takes two int32 words
+        self.row_scale = p[2 * M : end].view(self.scale_dtype)
+        self.sorted_rows = p[end : end + M]
+        self.slot_rows = p[end + M : end + M + 2 * self.capacity].view(-1, 2)
+        self.tiles = p[end + M + 2 * self.capacity :].view(-1, 4)
 
     def tensors(self) -> BatchTensors:
         """The device tensors the primitives take (``naive.BatchTensors``)."""
@@ -211,15 +213,16 @@ class AdapterBatch:
     @classmethod
     def _layout(cls, pool, id_slot, id_rank, id_scale, lens, M, n_ids) -> AdapterBatch:
         """Expand per-request entries to rows, group rows by slot, cut tiles, pack and copy to the device once."""
+        scale_dtype = torch.float64 if pool.dtype == torch.float64 else torch.float32
         if lens is None:
             row_slot = torch.tensor(id_slot, dtype=torch.int32)
             row_rank = torch.tensor(id_rank, dtype=torch.int32)
-            row_scale = torch.tensor(id_scale, dtype=torch.float32)
+            row_scale = torch.tensor(id_scale, dtype=scale_dtype)
         else:
             reps = torch.tensor(lens, dtype=torch.int64)
             row_slot = torch.tensor(id_slot, dtype=torch.int32).repeat_interleave(reps)
             row_rank = torch.tensor(id_rank, dtype=torch.int32).repeat_interleave(reps)
-            row_scale = torch.tensor(id_scale, dtype=torch.float32).repeat_interleave(reps)
+            row_scale = torch.tensor(id_scale, dtype=scale_dtype).repeat_interleave(reps)
         block_m = segment_block_m(M)
         T = max_tiles(M, pool.capacity)
         # Rows without adapter sort last (key = capacity) and are never part of a tile.
@@ -249,7 +252,7 @@ class AdapterBatch:
         has_dora = any(pool.slots[s].dora for s in set(id_slot) if s != NO_ADAPTER) and M > 0
         return cls(packed.to(pool.device), num_rows=M, num_ids=n_ids, seq_lens=lens, num_tiles=n_tiles,
                    num_segments=n_segments, has_adapter=n_tiles > 0, has_dora=has_dora and n_tiles > 0,
-                   capacity=pool.capacity, signature=pool.signature)  # fmt: skip
+                   capacity=pool.capacity, signature=pool.signature, scale_dtype=scale_dtype)  # fmt: skip
 
     def check_copy(self, other: AdapterBatch) -> None:
         """Raise unless ``copy_(other)`` is valid (same layout; adapter rows only if launches can serve them)."""

@@ -70,7 +70,8 @@ class AdapterBatch:
     Device tensors (one buffer, one host-to-device copy; shapes depend only on ``num_rows`` and the pool's capacity):
 
     - ``row_slot [M]`` int32: the slot of each row (-1: no adapter); ``row_rank [M]`` int32: its active rank ``b_t``
-      (0 without adapter); ``row_scale [M]`` float32 (float64 for a float64 pool): ``s_t`` (``alpha / b_t``, rsLoRA ``alpha / sqrt(b_t)``).
+      (0 without adapter); ``row_scale [M]`` float32 (float64 for a float64 pool): ``s_t`` (``alpha / b_t``, rsLoRA
+      ``alpha / sqrt(b_t)``).
     - ``sorted_rows [M]`` int32: the rows with an adapter grouped by slot (stable: a request's rows stay in order),
       then the rows without.
     - ``tiles [T, 4]`` int32: ``(slot, start, end, max rank)`` of each run of at most ``block_m`` sorted rows that

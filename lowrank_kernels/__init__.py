@@ -7,12 +7,19 @@ the adapter pool) -> ``training`` (DyLoRA, AdaLoRA) and ``models`` (peft's targe
 """
 
 from .backend import BackendUnavailableError, available_backends, use_backend
-from .models.inject import adapter_layers, find_target_modules, inject_adapters, inject_multi_lora, remove_adapters
+from .models.inject import (
+    ModulesToSave,
+    adapter_layers,
+    find_target_modules,
+    inject_adapters,
+    inject_multi_lora,
+    remove_adapters,
+)
 from .models.peft_compat import load_peft_adapter, load_peft_adapters_for_serving, save_peft_adapter
 from .models.peft_patch import patch_peft_model, unpatch_peft_model
 from .modules.adalora import AdaLoRALinear
-from .modules.dora import DoRALinear
-from .modules.lora import LoRALinear
+from .modules.dora import DoRALinear, DoRALinear4bit
+from .modules.lora import LoRALinear, LoRALinear4bit
 from .modules.multi_lora import MultiLoRALinear, multi_lora_layers, serve_batch, train_batch
 from .modules.pool import AdapterPool
 from .ops.dora.op import dora_linear, dora_weight_norm
@@ -31,7 +38,10 @@ __all__ = [
     "AdapterPool",
     "BackendUnavailableError",
     "DoRALinear",
+    "DoRALinear4bit",
     "LoRALinear",
+    "LoRALinear4bit",
+    "ModulesToSave",
     "MultiLoRALinear",
     "RankAllocator",
     "RankSampler",

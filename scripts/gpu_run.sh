@@ -3,36 +3,39 @@
 #
 #     bash scripts/gpu_run.sh
 #
-# The GPU image has python3 with torch (CUDA), triton, peft, pytest, pytest-benchmark, pybind11, ninja and nvcc,
-# and no network. Steps, each logged to $OUT (what the device tool brings back; at most 8 files, flat):
-#   env      nvidia-smi, versions, then `pip install -e . --no-build-isolation --no-deps` (offline)   -> env.log
-#   gpu      python3 -m pytest tests -q -m gpu   (realistic sizes, bf16)                               -> tests_gpu.log
-#   suite    python3 -m pytest tests -q -m "not gpu" on the GPU: tests/conftest.py picks DEVICE=cuda when CUDA is
-#            there (no TRITON_INTERPRET), so the Triton-parametrised cases run the real kernels on CUDA
-#            (the gpu-marked part already ran in the step before)                                  -> tests_suite.log
-#   sanitizer LOWRANK_KERNELS_BACKEND=cuda compute-sanitizer --tool memcheck python3 -m pytest on a small selection
-#            of the CUDA-extension cases (GPU_RUN_SANITIZER_K): every csrc kernel, bounds-checked    -> sanitizer.log
-#   bench    python3 -m pytest benchmarks/ --benchmark-only --benchmark-json=$OUT/bench.json          -> bench.log,
-#            every row also streamed to bench.jsonl as it is measured (survives a timeout)            bench.json(l)
-#   report   python3 benchmarks/report.py $OUT/bench.json (bench.jsonl if the JSON is missing)        -> report.md
+# The GPU image has python3 with torch (CUDA), triton (3.6), peft, pytest, pytest-benchmark, pybind11, ninja and
+# nvcc, and no network. Everything finishes inside GPU_RUN_DEADLINE_S (480 s: one 10-minute device call with room for
+# the machine's start), priorities first, each step under `timeout` with what is left; results go to 8 flat files in
+# $OUT (what the device tool brings back):
+#   env       nvidia-smi, versions, `pip install -e . --no-build-isolation --no-deps` (offline; builds csrc/ for
+#             this GPU's arch)                                                                      -> env.log
+#   gpu       correctness of every kernel at realistic sizes: python3 -m pytest tests -m gpu, strict
+#             (LOWRANK_KERNELS_STRICT=1: a kernel that fails raises, nothing falls back)           -> tests_gpu.log
+#   suite     the rest of the suite on the GPU, strict: tests/conftest.py picks DEVICE=cuda (no TRITON_INTERPRET),
+#             so the Triton-parametrised cases run the real kernels                                  -> tests_suite.log
+#   headline  the benchmark rows the goals are judged on (LoRA fwd M=1 and fwd+bwd M=2048 on 4096x4096 with their
+#             baselines, DoRA the same, multi-adapter n=32 M=64 and n=128 M=512)        -> bench.json, bench.log
+#   sanitizer compute-sanitizer memcheck on the CUDA extension's kernels, small shapes: one contiguous bf16 case of
+#             each GPU test of tests/test_cuda_ext.py, the corrupt-metadata and dropout-mask ones  -> sanitizer.log
+#   matrix    the rest of the benchmark matrix on 4096x4096 (LOWRANK_BENCH_QUICK=1) in what time is left; rows
+#             that would start past the deadline are skipped                               -> bench.log (appended)
+#   report    python3 benchmarks/report.py over bench.jsonl (every row of both bench steps, streamed as measured,
+#             so it survives a timeout; bench.json if that is missing)                     -> report.md, bench.jsonl
 #
 # Environment (all optional):
-#   GPU_RUN_STEPS="gpu,suite,sanitizer,bench"   subset of those (env + install and report always run)
-#   GPU_RUN_DEADLINE_S=480            whole-run budget: every step gets a timeout from what is left, and the
-#                                     benchmarks skip rows that would start past it (LOWRANK_BENCH_BUDGET_S), so
-#                                     the run ends inside one 10-minute device call with its JSON written
+#   GPU_RUN_STEPS="gpu,suite,headline,sanitizer,matrix"   subset of those (env + install and report always run)
+#   GPU_RUN_DEADLINE_S=480            whole-run budget; every step's timeout comes from what is left
 #   GPU_RUN_TEST_ARGS="-k triton"     extra pytest arguments for the gpu and suite steps
 #   GPU_RUN_SANITIZER_K="..."         the sanitizer step's pytest -k expression (default: see below)
-#   GPU_RUN_BENCH_PATH=benchmarks/test_dora_bench.py   what the bench step collects (default benchmarks/)
-#   GPU_RUN_BENCH_ARGS="-k fwd-"      extra pytest arguments for the bench step (e.g. one op, one shape)
-#   LOWRANK_BENCH_QUICK=1             benchmarks on 4096x4096 only (1/3 of the matrix)
+#   GPU_RUN_HEADLINE_K="..."          the headline step's pytest -k expression (default: see below)
+#   GPU_RUN_BENCH_ARGS="-k fwd-"      extra pytest arguments for the matrix step
 #   LOWRANK_KERNELS_CUDA_ARCHS        arch list for the CUDA extension (default here: this GPU's, e.g. "90")
 #   LOWRANK_KERNELS_SKIP_CUDA_BUILD=1 do not build csrc/
 #
-# Expected time on one H100 (estimate, nothing measured yet): install ~10 s (+~10 s for csrc/: its clean build took
-# 9 s on a 2-core CPU machine for sm80 + sm90), tests 1-3 min, compute-sanitizer 1-2.5 min, full benchmark matrix
-# 2-4 min (408 rows, do_bench rep 50 ms, ~0.15 s a decode row and ~0.3 s a prefill row, plus Triton compiles and the
-# peft import): ~5-9 min in all, bounded by GPU_RUN_DEADLINE_S.
+# Expected time on one H100/H200 (estimate, nothing measured yet): install ~10 s (+~10 s for csrc/ at MAX_JOBS=16),
+# gpu tests ~1-2 min (Triton compiles dominate), suite ~1-2.5 min, headline ~30-60 s, sanitizer ~1 min, the matrix
+# whatever is left (it is cut, not the steps before it). Budgets below: each step's cap, and a reserve it leaves for
+# the steps after it, so a slow step costs the matrix first and never the report.
 # Exit status: 0 when every step that ran passed (a machine without a visible GPU fails).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +43,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export LOWRANK_KERNELS_STRICT=1  # no step may pass by falling back from a kernel that failed
 DEADLINE_S="${GPU_RUN_DEADLINE_S:-480}"
-STEPS=",${GPU_RUN_STEPS:-gpu,suite,sanitizer,bench},"
+STEPS=",${GPU_RUN_STEPS:-gpu,suite,headline,sanitizer,matrix},"
 read -r -a TEST_ARGS <<<"${GPU_RUN_TEST_ARGS:-}"
 read -r -a BENCH_ARGS <<<"${GPU_RUN_BENCH_ARGS:-}"
 declare -A RESULT=()
@@ -56,13 +60,17 @@ run_step() {
   local name=$1 logfile=$2 limit=$3
   shift 3
   if ((limit < 20)); then
-    echo "skipped: only ${limit}s left of GPU_RUN_DEADLINE_S=${DEADLINE_S}" | tee "$OUT/$logfile"
+    echo "$name skipped: only ${limit}s left of GPU_RUN_DEADLINE_S=${DEADLINE_S}" | tee -a "$OUT/$logfile"
     RESULT[$name]="skipped (no time left)"
     FAILED=1
     return
   fi
   log "$name (timeout ${limit}s): $*"
-  printf '$ %s\n' "$*" >"$OUT/$logfile"
+  if [[ -n ${APPEND:-} ]]; then
+    printf '$ %s\n' "$*" >>"$OUT/$logfile"
+  else
+    printf '$ %s\n' "$*" >"$OUT/$logfile"
+  fi
   timeout -k 20 -s INT "$limit" "$@" 2>&1 | tee -a "$OUT/$logfile"
   local rc=${PIPESTATUS[0]}
   case $rc in
@@ -72,6 +80,11 @@ run_step() {
     *) RESULT[$name]="FAILED (exit $rc)"; FAILED=1 ;;
   esac
   log "$name: ${RESULT[$name]}"
+}
+
+# run_step_append: run_step, appending to LOGFILE (the matrix step shares bench.log with the headline step).
+run_step_append() {
+  APPEND=1 run_step "$@"
 }
 
 min() { (($1 < $2)) && echo "$1" || echo "$2"; }
@@ -111,7 +124,7 @@ if [[ -z "${LOWRANK_KERNELS_CUDA_ARCHS:-}" ]]; then
 fi
 export MAX_JOBS="${MAX_JOBS:-16}"
 log "install (LOWRANK_KERNELS_CUDA_ARCHS=$LOWRANK_KERNELS_CUDA_ARCHS)"
-timeout -k 10 "$(min 300 "$(left)")" python3 -m pip install -e . --no-build-isolation --no-deps 2>&1 | tail -n 25 | tee -a "$OUT/env.log"
+timeout -k 10 "$(min 180 "$(left)")" python3 -m pip install -e . --no-build-isolation --no-deps 2>&1 | tail -n 25 | tee -a "$OUT/env.log"
 if [[ ${PIPESTATUS[0]} -ne 0 ]]; then
   RESULT[install]="FAILED"
   FAILED=1
@@ -120,19 +133,30 @@ else
 fi
 python3 -c "import lowrank_kernels, glob, os; print('lowrank_kernels', lowrank_kernels.__version__, 'from', os.path.dirname(lowrank_kernels.__file__)); print('CUDA extension:', glob.glob(os.path.dirname(lowrank_kernels.__file__) + '/_C*.so') or 'not built')" 2>&1 | tee -a "$OUT/env.log"
 
-# ---- tests -----------------------------------------------------------------------------------------------------
-# Budget: the gpu and suite steps leave at least ~3 minutes for the benchmarks.
+# ---- tests: correctness of every kernel first ------------------------------------------------------------------
 if [[ $STEPS == *,gpu,* ]]; then
-  run_step gpu tests_gpu.log "$(min 150 $(($(left) - 200)))" python3 -m pytest tests -q -m gpu "${TEST_ARGS[@]}"
+  run_step gpu tests_gpu.log "$(min 150 $(($(left) - 300)))" python3 -m pytest tests -q -m gpu -p no:cacheprovider \
+    "${TEST_ARGS[@]}"
 fi
 if [[ $STEPS == *,suite,* ]]; then
-  run_step suite tests_suite.log "$(min 180 $(($(left) - 180)))" python3 -m pytest tests -q -m "not gpu" "${TEST_ARGS[@]}"
+  run_step suite tests_suite.log "$(min 150 $(($(left) - 210)))" python3 -m pytest tests -q -m "not gpu" \
+    -p no:cacheprovider "${TEST_ARGS[@]}"
+fi
+
+# ---- benchmarks: the headline rows, then (after the sanitizer) the rest of the matrix ------------------------------
+rm -f "$OUT/bench.json" "$OUT/bench.jsonl"
+export LOWRANK_BENCH_JSONL="$OUT/bench.jsonl"
+HEADLINE_K="${GPU_RUN_HEADLINE_K:-(fwd-4096x4096-M1- or fwdbwd-4096x4096-M2048- or multi-4096x4096-M64-r16-n32-distinct or multi-4096x4096-M512-r16-n128-distinct) and not adalora and not rankcmp}"
+if [[ $STEPS == *,headline,* ]]; then
+  limit=$(min 120 $(($(left) - 90)))
+  LOWRANK_BENCH_BUDGET_S=$((limit - 30)) run_step headline bench.log "$limit" python3 -m pytest benchmarks/ \
+    --benchmark-only -p no:cacheprovider --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,max,rounds \
+    -q -k "$HEADLINE_K"
 fi
 
 # ---- compute-sanitizer on the CUDA extension's kernels -------------------------------------------------------------
-# Small shapes, every kernel of csrc/ (LoRA fwd/bwd with dropout, DoRA norm/fwd/bwd, multi-adapter with corrupt ids):
-# memcheck slows every launch (torch's own included), so the selection stays at a few dozen cases.
-SANITIZER_K="${GPU_RUN_SANITIZER_K:-(cuda-triton-bfloat16 and (M7- or M65- or M130- or decode-M5)) or (cuda-bfloat16 and (some-none or truncated or dora_and_lora)) or corrupt or gpu_dropout_mask}"
+# Small shapes, one case per kernel test (memcheck slows every launch, torch's own included).
+SANITIZER_K="${GPU_RUN_SANITIZER_K:-(test_gpu_ and contiguous and bfloat16 and not realistic) or corrupt or dropout_mask_is_the_naive}"
 if [[ $STEPS == *,sanitizer,* ]]; then
   SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   if [[ ! -x $SANITIZER ]]; then
@@ -140,41 +164,39 @@ if [[ $STEPS == *,sanitizer,* ]]; then
     RESULT[sanitizer]="FAILED: compute-sanitizer not found"
     FAILED=1
   else
-    LOWRANK_KERNELS_BACKEND=cuda run_step sanitizer sanitizer.log "$(min 150 $(($(left) - 150)))" \
+    LOWRANK_KERNELS_BACKEND=cuda run_step sanitizer sanitizer.log "$(min 90 $(($(left) - 30)))" \
       "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 20 \
-      python3 -m pytest tests/test_cuda_ext.py tests/test_lora_ops.py tests/test_dora.py tests/test_multi_lora.py \
-      -q -p no:cacheprovider -k "$SANITIZER_K"
+      python3 -m pytest tests/test_cuda_ext.py -q -p no:cacheprovider -k "$SANITIZER_K"
   fi
 fi
 
-# ---- benchmarks ------------------------------------------------------------------------------------------------
-if [[ $STEPS == *,bench,* ]]; then
-  rm -f "$OUT/bench.json" "$OUT/bench.jsonl"
-  bench_limit=$(($(left) - 15))
-  # Rows that would start in the last ~60 s are skipped, so pytest-benchmark still ends and writes its JSON.
-  export LOWRANK_BENCH_BUDGET_S=$((bench_limit - 60)) LOWRANK_BENCH_JSONL="$OUT/bench.jsonl"
-  run_step bench bench.log "$bench_limit" python3 -m pytest "${GPU_RUN_BENCH_PATH:-benchmarks/}" --benchmark-only \
-    --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,max,rounds -q "${BENCH_ARGS[@]}"
-  rows=$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)
-  log "bench: $rows rows measured"
-  if ((rows == 0)); then
-    RESULT[bench]="${RESULT[bench]}; NO ROWS MEASURED"
-    FAILED=1
-  fi
+if [[ $STEPS == *,matrix,* ]]; then
+  limit=$(($(left) - 15))
+  # Rows that would start in the last ~45 s are skipped, so pytest ends and the rows so far are in bench.jsonl.
+  printf '\n' >>"$OUT/bench.log"
+  LOWRANK_BENCH_QUICK=1 LOWRANK_BENCH_BUDGET_S=$((limit - 45)) run_step_append matrix bench.log "$limit" \
+    python3 -m pytest benchmarks/ --benchmark-only -p no:cacheprovider --benchmark-json=/tmp/bench_matrix.json \
+    --benchmark-columns=min,median,max,rounds -q -k "not ($HEADLINE_K)" "${BENCH_ARGS[@]}"
+fi
+rows=$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)
+log "bench: $rows rows measured"
+if [[ $STEPS == *,headline,* || $STEPS == *,matrix,* ]] && ((rows == 0)); then
+  RESULT[bench]="NO ROWS MEASURED"
+  FAILED=1
 fi
 
 # ---- report ----------------------------------------------------------------------------------------------------
 echo "No benchmark results in this run (see bench.log)." >"$OUT/report.md"
-for src in "$OUT/bench.json" "$OUT/bench.jsonl"; do
+for src in "$OUT/bench.jsonl" "$OUT/bench.json"; do
   if [[ -s $src ]]; then
     log "report from $(basename "$src")"
-    python3 benchmarks/report.py "$src" | tee "$OUT/report.md"
+    timeout -k 5 60 python3 benchmarks/report.py "$src" | tee "$OUT/report.md"
     break
   fi
 done
 
 log "summary (GPU_RUN_DEADLINE_S=$DEADLINE_S)"
-for name in cuda install gpu suite sanitizer bench; do
+for name in cuda install gpu suite headline sanitizer matrix bench; do
   [[ -n ${RESULT[$name]:-} ]] && echo "$name: ${RESULT[$name]}" | tee -a "$OUT/env.log"
 done
 ls -la "$OUT" | tee -a "$OUT/env.log"

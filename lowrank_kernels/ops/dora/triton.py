@@ -332,8 +332,11 @@ def row_norm(weight, lora_A, lora_B, weight_norm_sq, *, scale, rank) -> Tensor:
     gram = a @ a.t()
     norm = torch.empty(N, device=weight.device, dtype=torch.float32)
     # 32-row tiles: >= 128 programs stream W0 at N = 4096 (132 SMs on an H100); all ranks up to 128 in one pass.
-    block_n, block_k = 32, 64 if weight.dtype == torch.float32 else 128
+    # 8 warps, K tiles of 64 past rank 64 and 3 stages at rank tile 64: the choices without a spill in 16 bits on
+    # sm_80 and sm_90 (ptxas, scripts/aot_check.py; 4 warps or 128-wide K tiles at rank 128 spill a few registers).
     block_r = min(128, max(16, triton.next_power_of_2(R)))
+    block_n, block_k = 32, 64 if weight.dtype == torch.float32 or block_r > 64 else 128
+    stages = pipeline_stages(block_n + block_r, block_k, weight.dtype.itemsize, most=3 if block_r == 64 else 4)
     w0sq = weight_norm_sq if weight_norm_sq is not None else norm  # unread without HAS_W0SQ
     dora_norm_kernel[(triton.cdiv(N, block_n),)](
         weight, lora_A, lora_B, gram, w0sq, norm, N, K, rank, float(scale), float(CANCELLATION_FRACTION),
@@ -341,7 +344,7 @@ def row_norm(weight, lora_A, lora_B, weight_norm_sq, *, scale, rank) -> Tensor:
         gram.stride(0), gram.stride(1),
         HAS_W0SQ=weight_norm_sq is not None, DOT_PRECISION=dot_precision(weight.dtype),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_G=32, BLOCK_K_DIRECT=32,
-        num_warps=4, num_stages=pipeline_stages(block_n + block_r, block_k, weight.dtype.itemsize),
+        num_warps=8, num_stages=stages,
     )  # fmt: skip
     return norm
 
@@ -374,6 +377,8 @@ def dora_dx(dy, weight, g, t, lora_A, *, scale, rank, p_drop=0.0, seed=0) -> Ten
     # BLOCK_K (reduction) our BLOCK_N; two accumulators with dropout, as DROPPED_X.
     tiles = _matmul_tiles(M, dy.dtype, 0, two_accumulators=dropout)
     tiles["BLOCK_N"], tiles["BLOCK_K"] = tiles["BLOCK_K"], tiles["BLOCK_N"]
+    if dropout:  # the mask's hash beside two accumulators spills on 4 warps at BLOCK_M = 16 (ptxas, sm_90)
+        tiles["num_warps"] = 8
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(K, tiles["BLOCK_K"]),)
     g = g.float().contiguous()
     dora_dx_kernel[grid](

@@ -413,17 +413,23 @@ def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumul
 
     ``fused_rank_block``: rows of A streamed beside W when the shrink is fused (0 otherwise). The pipeline depth
     is the most stages (<= 4) whose x, W (and A) tiles fit the shared-memory budget. ``two_accumulators``
-    (DROPPED_X): a second fp32 [BLOCK_M, BLOCK_N] accumulator, so prefill tiles halve BLOCK_M to keep both in
-    registers (2 x 64 x 128 fp32 over 8 warps: 64 registers a thread), and each stage also holds an xd tile.
+    (DROPPED_X, or the dx GEMM's EPILOGUE_DROPOUT): a second fp32 [BLOCK_M, BLOCK_N] accumulator, so prefill tiles
+    halve BLOCK_M to keep both in registers (2 x 64 x 128 fp32 over 8 warps: 64 registers a thread); DROPPED_X's
+    stages also hold an xd tile (the dropout epilogue's do not: it only costs the pipeline a little depth).
     """
     if M <= FUSED_SHRINK_MAX_M:  # decode: memory bound on W; narrow N tiles give >= 1 program per SM
-        tiles = dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4)
+        block_m = max(16, triton.next_power_of_2(M))
+        # More than 16 rows: 8 warps hold the [BLOCK_M, BLOCK_R] shrink accumulator (or the second accumulator)
+        # beside the output's without spilling, and at BLOCK_M = 64 Hopper's wgmma applies (64-row warpgroups).
+        tiles = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4 if block_m <= 16 else 8)
+        if dtype == torch.float32 or fused_rank_block > 64 or fused_rank_block * block_m >= 64 * 64:
+            # The A tile [BLOCK_R, BLOCK_K] rides beside W's and the shrink accumulator [BLOCK_M, BLOCK_R] beside
+            # the output's: past these sizes 128-wide K tiles spill (ptxas, sm_80).
+            tiles["BLOCK_K"] = 64
     elif dtype == torch.float32:
         tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4)
     else:
         tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8)
-    if dtype == torch.float32 and M <= FUSED_SHRINK_MAX_M:
-        tiles["BLOCK_K"] = 64
     if two_accumulators and M > FUSED_SHRINK_MAX_M and dtype != torch.float32:
         tiles["BLOCK_M"] = 64
     rows_per_stage = tiles["BLOCK_M"] * (2 if two_accumulators else 1) + tiles["BLOCK_N"] + fused_rank_block
@@ -441,7 +447,9 @@ def _launch_matmul(x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, p_dro
     M, K = x.shape
     N = w.shape[0]
     block_r = max(16, triton.next_power_of_2(a.shape[0])) if fuse_shrink else rank_block(rank)
-    tiles = _matmul_tiles(M, x.dtype, block_r if fuse_shrink else 0, two_accumulators=xd is not None)
+    # The dx GEMM's dropout epilogue keeps a second [BLOCK_M, BLOCK_N] fp32 tile (the low-rank term) beside b_acc.
+    two_accumulators = xd is not None or epilogue_dropout
+    tiles = _matmul_tiles(M, x.dtype, block_r if fuse_shrink else 0, two_accumulators=two_accumulators)
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
     a = a if a is not None else u  # unused when not fusing; any tensor satisfies the signature
     num, den = col_scale if col_scale is not None else (y, y)
@@ -532,7 +540,8 @@ def weight_grad(t, x, v, *, scale, rank_start, rank, p_drop=0.0, seed=0) -> Tens
     """[rank - rank_start, K] float32 = scale * v * t[:, rank_start:rank]^T drop(x), a deterministic split-M sum."""
     M, K = x.shape
     n_ranks = rank - rank_start
-    block_k, block_r, block_m = 128, rank_block(n_ranks), 64
+    # With dropout the [BLOCK_M, BLOCK_K] hash beside the [BLOCK_R, BLOCK_K] accumulator spills at BLOCK_K = 128.
+    block_k, block_r, block_m = 64 if p_drop > 0.0 else 128, rank_block(n_ranks), 64
     splits, rows_per_split = row_splits(M, triton.cdiv(K, block_k) * triton.cdiv(n_ranks, block_r), block_m,
                                         min_rows=WEIGHT_GRAD_MIN_ROWS)  # fmt: skip
     out = torch.empty(splits, n_ranks, K, device=x.device, dtype=torch.float32)

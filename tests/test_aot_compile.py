@@ -5,6 +5,7 @@ records what the launchers choose without running anything, and one small compil
 the enumeration honest under the interpreter the test suite runs in.
 """
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -122,6 +123,14 @@ def test_rules_fail_spills_shared_memory_and_missing_tensor_cores():
     assert aot_check.problems(by_dtype["fp16"], {**ok, "arch": 80, "shared": 166913})
     assert aot_check.problems(by_dtype["fp16"], {**ok, "mma": "FFMA"})
     assert aot_check.problems(by_dtype["fp16"], {**ok, "error": "boom"})
+    fp32_spill = {**ok, "spill_stores": 40, "spill_loads": 40, "dots16": 0, "mma": "FFMA"}
+    fp32 = copy.copy(by_dtype["fp16"])
+    fp32.signature = {k: v.replace("fp16", "fp32") for k, v in fp32.signature.items()}
+    assert fp32.dtype == "fp32" and aot_check.problems(fp32, fp32_spill) == []  # fp32: reported, not failed
+    norm = next(s for s in recorder.specs.values() if s.name == "dora_norm_kernel" and s.dtype == "fp16")
+    bound = aot_check.SPILL_ALLOWANCE["dora_norm_kernel"]
+    assert aot_check.problems(norm, {**ok, "spill_stores": bound}) == []
+    assert aot_check.problems(norm, {**ok, "spill_stores": bound + 1})  # past its allowance it fails
 
 
 @pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia").is_dir(), reason="no NVIDIA backend")

@@ -31,8 +31,8 @@ def load(name: str):
 
 @pytest.fixture
 def on_cpu(monkeypatch):
-    """Point the LoRA and DoRA benchmark modules at CPU float32 tensors and empty their input caches."""
-    modules = [load("test_lora_bench"), load("test_dora_bench")]
+    """Point the LoRA, DoRA and AdaLoRA benchmark modules at CPU float32 tensors and empty their input caches."""
+    modules = [load("test_lora_bench"), load("test_dora_bench"), load("test_adalora_bench")]
     for module in modules:
         monkeypatch.setattr(module, "DEVICE", "cpu")
         monkeypatch.setattr(module, "DTYPE", torch.float32)
@@ -56,7 +56,7 @@ LORA_ROWS = [(op, p) for op in ("fwd", "fwdbwd") for p in LORA_PROVIDERS
 
 @pytest.mark.parametrize("op, provider", LORA_ROWS)
 def test_lora_benchmark_providers_compute_the_reference(on_cpu, op, provider, monkeypatch):
-    bench, _ = on_cpu
+    bench = on_cpu[0]
     if provider == "tritongemm":
         monkeypatch.setenv(bench.GEMM_ENV_VAR, "triton")
     r, b = (None, None) if provider in ("cublas", "frozen") else (8, 5 if provider != "peft" else 8)
@@ -70,7 +70,7 @@ DORA_ROWS = [(op, p) for op, providers in load("test_dora_bench").PROVIDERS.item
 
 @pytest.mark.parametrize("op, provider", DORA_ROWS)
 def test_dora_benchmark_providers_compute_the_reference(on_cpu, op, provider):
-    _, bench = on_cpu
+    bench = on_cpu[1]
     case = bench.Case(op, TINY, 5, provider, 8)
     out = bench._provider_fn(case)()
     ref = bench._reference(case)
@@ -78,3 +78,15 @@ def test_dora_benchmark_providers_compute_the_reference(on_cpu, op, provider):
     for o, r in zip(out, ref, strict=True):
         err = ((o.float() - r.float()).norm() / r.float().norm()).item()
         assert err < 2e-2, f"{case.id}: relative error {err:.2e}"
+
+
+ADALORA_ROWS = [(op, p) for op in ("fwd", "fwdbwd") for p in load("test_adalora_bench").PROVIDERS
+                if (p != "peft" or HAS_PEFT) and not (p == "masked50lg" and op == "fwd")]  # fmt: skip
+
+
+@pytest.mark.parametrize("op, provider", ADALORA_ROWS)
+def test_adalora_benchmark_providers_compute_the_reference(on_cpu, op, provider):
+    bench = on_cpu[2]
+    case = bench.AdaCase(op, LayerShape("tiny", 80, 72), 5, provider)
+    fn, layer = bench._provider_fn(case)
+    bench._check(fn(), bench._reference(case, layer), case.id)

@@ -13,7 +13,7 @@ adapters at r (scale 2):
 - ``cuda``: ``multi_lora_linear`` on the CUDA C++ backend (csrc/: per-row gather kernels around cuBLAS; skipped when
   lowrank_kernels._C is not built), at r = 16 with the distinct mix;
 - ``gatherbmm``: the gather-bmm reference (``reference.multi_lora.multi_lora_forward`` in bf16 arithmetic), every
-  row gathering its own adapter: BENCH.md's "gather-bmm" peer;
+  row gathering its own adapter: the "gather-bmm" peer;
 - ``peft``: peft's ``lora.Linear`` with the n adapters loaded and ``adapter_names`` per row (its mixed-batch path).
 
 Training rows (``test_multi_lora_train_step``, kind ``multi_lora_train``): one forward + backward of a layer whose
@@ -86,7 +86,7 @@ MULTI_M = (1, 64, 512) if QUICK else (1, 16, 64, 512, 2048)
 MULTI_RANKS = (16,) if QUICK else (16, 64)
 ADAPTER_COUNTS = (1, 32, 128) if QUICK else (1, 8, 32, 128)
 MIX_N = 32  # pool size for the identical / none / zipf rows
-BASELINE_RANK = 16  # gather-bmm and peft: BENCH.md's peers were measured at r = 16
+BASELINE_RANK = 16  # gather-bmm and peft: the peers' figures (H100, torch 2.11) were measured at r = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +256,7 @@ def _build_us(case: Case) -> float | None:
 
 
 def _floor_us(M: int, K: int, N: int, b: int, n_active: int) -> float:
-    """H100 roofline of the layer: the base op plus every adapter in use read once (BENCH.md: ``n * 2b(N + K)``
+    """H100 roofline of the layer: the base op plus every adapter in use read once (``n * 2b(N + K)``
     bytes), each row's rank-b flops once."""
     n_bytes = base_bytes(M, K, N) + n_active * adapter_bytes(K, N, b)
     flops = 2 * M * N * K + 2 * M * b * (N + K)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_kernels import AdapterBatch, AdapterPool, LoRALinear, MultiLoRALinear, lora_linear, use_backend
+from lowrank_kernels import AdapterBatch, AdapterPool, LoRALinear, MultiLoRALinear, lora_linear, shapes, use_backend
 from lowrank_kernels.backend import ENV_VAR as BACKEND_ENV_VAR
 from lowrank_kernels.ops.multi_lora.naive import adapter_mix, multi_lora_forward
 from lowrank_kernels.ops.multi_lora.op import multi_lora_linear
@@ -82,9 +82,9 @@ SCALE = 2.0  # alpha = 2r, as in the LoRA benchmarks
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 HAS_CUDA_EXT = importlib.util.find_spec("lowrank_kernels._C") is not None
 SHAPES = LLAMA_7B_SHAPES[:1] if QUICK else LLAMA_7B_SHAPES[:2]  # 4096x4096 and 4096x11008 (the issue's shapes)
-MULTI_M = (1, 64, 512) if QUICK else (1, 16, 64, 512, 2048)
-MULTI_RANKS = (16,) if QUICK else (16, 64)
-ADAPTER_COUNTS = (1, 32, 128) if QUICK else (1, 8, 32, 128)
+MULTI_M = (1, 64, 512) if QUICK else shapes.MULTI_M  # the registry's (the AOT compile sweep reads it too)
+MULTI_RANKS = (16,) if QUICK else shapes.MULTI_RANKS
+ADAPTER_COUNTS = (1, 32, 128) if QUICK else shapes.ADAPTER_COUNTS
 MIX_N = 32  # pool size for the identical / none / zipf rows
 BASELINE_RANK = 16  # gather-bmm and peft: the peers' figures (H100, torch 2.11) were measured at r = 16
 

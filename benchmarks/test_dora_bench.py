@@ -58,9 +58,9 @@ from lowrank_kernels import lora_linear, use_backend
 from lowrank_kernels.ops.dora.naive import dora_linear_ref
 from lowrank_kernels.ops.dora.op import dora_linear, dora_weight_norm, weight_norm_sq
 from lowrank_kernels.ops.lora.naive import dropout_mask, lora_linear_ref
-from lowrank_kernels.shapes import BENCH_M, DECODE_MAX_M, RANKS, LayerShape, floor_us
+from lowrank_kernels.shapes import BENCH_M, DECODE_MAX_M, DROPOUT_P, RANKS, LayerShape, floor_us
 
-DROPOUT = 0.1
+DROPOUT = DROPOUT_P  # the registry's, as the AOT compile sweep uses
 DROPOUT_RANKS = (16,)  # the dropout form is timed at one rank: its cost is the second base GEMM, not the rank
 SEED = 1
 BASELINE = {"fwd": "cublas", "fwdbwd": "frozen", "fwd-drop": "cublas", "fwdbwd-drop": "frozen"}

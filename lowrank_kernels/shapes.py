@@ -88,9 +88,9 @@ LLAMA_70B_SHAPES: tuple[LayerShape, ...] = (
     LayerShape("llama70b-mlp-down", 28672, 8192),
 )
 MODEL_SHAPES: tuple[LayerShape, ...] = LLAMA_7B_SHAPES + LLAMA_13B_SHAPES + LLAMA_70B_SHAPES
-# M values that cross every launcher threshold: 1 and 16 (decode tiles), 64 / 65 (the fused one-launch forward and
+# M values that cross every launcher threshold: 1, 16, 32 (decode tiles), 64 / 65 (the fused one-launch forward and
 # the cuBLAS switch), 512 (few split-M weight-gradient splits), 2048 and 8192 (prefill / training).
-SWEEP_M: tuple[int, ...] = (1, 16, 64, 65, 512, 2048, 8192)
+SWEEP_M: tuple[int, ...] = (1, 16, 32, 64, 65, 512, 2048, 8192)
 SWEEP_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128, 256)  # allocated ranks r (the fused decode path stops at 128)
 KERNEL_DTYPE_NAMES: tuple[str, ...] = ("float16", "bfloat16", "float32")  # names, so this module needs no torch
 DROPOUT_P = 0.1  # any p > 0 selects the same kernels; the benchmarks' dropout rows use it too

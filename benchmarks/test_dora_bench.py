@@ -1,5 +1,5 @@
 """DoRA forward (training and inference) and forward+backward, timed against fused LoRA, cuBLAS and peft's DoRA
-(../shared/BENCH.md protocol; the harness, inputs and checks are test_lora_bench's).
+(test_lora_bench's protocol; the harness, inputs and checks are test_lora_bench's).
 
     pytest benchmarks/test_dora_bench.py --benchmark-only --benchmark-json=bench.json
     python benchmarks/test_dora_bench.py bench.json          # the DoRA ratio tables (report.py prints LoRA's)

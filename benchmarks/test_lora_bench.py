@@ -1,4 +1,4 @@
-"""LoRA / DyLoRA forward and forward+backward, timed against their baselines (../shared/BENCH.md protocol).
+"""LoRA / DyLoRA forward and forward+backward, timed against their baselines (protocol below).
 
     pytest benchmarks/ --benchmark-only --benchmark-json=bench.json && python benchmarks/report.py bench.json
 

@@ -28,8 +28,8 @@ from ..._triton_utils import dot_precision, dropout_keep, grouped_program, pipel
 # Forward at M <= 64 runs as one launch that also computes xa; it keeps xa for all ranks in registers.
 FUSED_SHRINK_MAX_M = 64
 FUSED_SHRINK_MAX_RANK = 128
-# Above this M the base GEMM goes to cuBLAS and the low-rank term is added by an in-place rank-b addmm: BENCH.md
-# measured a plain Triton GEMM at 1.12-1.27x cuBLAS for M >= 2048 on an H100 (0.95-1.06x for M <= 64), so until our
+# Above this M the base GEMM goes to cuBLAS and the low-rank term is added by an in-place rank-b addmm: a plain
+# Triton GEMM was measured at 1.12-1.27x cuBLAS for M >= 2048 on an H100 (0.95-1.06x for M <= 64), so until our
 # own GEMM is measured at least as fast, cuBLAS + epilogue is the safer prediction. LOWRANK_KERNELS_LORA_GEMM=triton
 # or =cublas forces one strategy (the benchmarks time both). Unmeasured: see docs/GPU_NOTES.md.
 CUBLAS_GEMM_MIN_M = 65

@@ -55,6 +55,16 @@ def grouped_program(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COL
     return pid_m, pid_n
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' host arithmetic (``triton.cdiv`` is a constexpr function: ~3 us a call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), as ``triton.next_power_of_2``, without its call overhead."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get true fp32 products, as torch's F.linear gives by default (tf32 would be 3e-4 off)."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -62,7 +72,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def rank_block(rank: int) -> int:
     """Rank tile: tl.dot needs >= 16; 64 keeps a [BLOCK_M, BLOCK_R] fp32 accumulator in registers."""
-    return min(64, max(16, triton.next_power_of_2(rank)))
+    return min(64, max(16, next_power_of_2(rank)))
 
 
 def pipeline_stages(rows_per_stage: int, block_k: int, itemsize: int, most: int = 4) -> int:
@@ -73,6 +83,6 @@ def pipeline_stages(rows_per_stage: int, block_k: int, itemsize: int, most: int 
 def row_splits(M: int, tiles: int, block_m: int, min_rows: int = 256, programs: int = 264) -> tuple[int, int]:
     """(splits, rows per split) of a deterministic split-M reduction over ``tiles`` output tiles: enough splits for
     ~2 programs per SM on a 132-SM H100 (``programs``), at least ``min_rows`` rows each, a whole ``block_m`` apart."""
-    splits = max(1, min(triton.cdiv(programs, tiles), triton.cdiv(M, min_rows)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
-    return triton.cdiv(max(M, 1), rows_per_split), rows_per_split
+    splits = max(1, min(cdiv(programs, tiles), cdiv(M, min_rows)))
+    rows_per_split = cdiv(cdiv(max(M, 1), splits), block_m) * block_m
+    return cdiv(max(M, 1), rows_per_split), rows_per_split

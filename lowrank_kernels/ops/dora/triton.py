@@ -21,7 +21,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._triton_utils import dot_precision, dropout_keep, grouped_program, pipeline_stages, rank_block, row_splits
+from ..._triton_utils import (
+    cdiv,
+    dot_precision,
+    dropout_keep,
+    grouped_program,
+    next_power_of_2,
+    pipeline_stages,
+    rank_block,
+    row_splits,
+)
 from ..lora.triton import _matmul_tiles, fused_forward, lowrank_matmul, shrink, weight_grad
 from .naive import CANCELLATION_FRACTION
 
@@ -334,11 +343,11 @@ def row_norm(weight, lora_A, lora_B, weight_norm_sq, *, scale, rank) -> Tensor:
     # 32-row tiles: >= 128 programs stream W0 at N = 4096 (132 SMs on an H100); all ranks up to 128 in one pass.
     # 8 warps, K tiles of 64 past rank 64 and 3 stages at rank tile 64: the choices without a spill in 16 bits on
     # sm_80 and sm_90 (ptxas, scripts/aot_check.py; 4 warps or 128-wide K tiles at rank 128 spill a few registers).
-    block_r = min(128, max(16, triton.next_power_of_2(R)))
+    block_r = min(128, max(16, next_power_of_2(R)))
     block_n, block_k = 32, 64 if weight.dtype == torch.float32 or block_r > 64 else 128
     stages = pipeline_stages(block_n + block_r, block_k, weight.dtype.itemsize, most=3 if block_r == 64 else 4)
     w0sq = weight_norm_sq if weight_norm_sq is not None else norm  # unread without HAS_W0SQ
-    dora_norm_kernel[(triton.cdiv(N, block_n),)](
+    dora_norm_kernel[(cdiv(N, block_n),)](
         weight, lora_A, lora_B, gram, w0sq, norm, N, K, rank, float(scale), float(CANCELLATION_FRACTION),
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         gram.stride(0), gram.stride(1),
@@ -357,8 +366,8 @@ def dropout_shrink(x: Tensor, lora_A: Tensor, rank: int, *, p_drop: float, seed:
     xa = torch.empty(M, R, device=x.device, dtype=torch.float32)
     # A memory-bound pass over x: 16-row tiles keep >= 2 programs per SM (132 on an H100) up to M = 4224; the
     # hash over a [64, 128] tile would take 247 registers a thread (ptxas, sm_90), [16, 128] 88.
-    block_m, block_r = (16 if triton.cdiv(M, 16) <= 264 else 32), rank_block(R)
-    dora_dropout_shrink_kernel[(triton.cdiv(M, block_m), triton.cdiv(R, block_r))](
+    block_m, block_r = (16 if cdiv(M, 16) <= 264 else 32), rank_block(R)
+    dora_dropout_shrink_kernel[(cdiv(M, block_m), cdiv(R, block_r))](
         x, lora_A, xd, xa, seed, M, K, R, rank, float(p_drop),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xd.stride(0), xd.stride(1),
         xa.stride(0), xa.stride(1), DOT_PRECISION=dot_precision(x.dtype),
@@ -379,7 +388,7 @@ def dora_dx(dy, weight, g, t, lora_A, *, scale, rank, p_drop=0.0, seed=0) -> Ten
     tiles["BLOCK_N"], tiles["BLOCK_K"] = tiles["BLOCK_K"], tiles["BLOCK_N"]
     if dropout:  # the mask's hash beside two accumulators spills on 4 warps at BLOCK_M = 16 (ptxas, sm_90)
         tiles["num_warps"] = 8
-    grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(K, tiles["BLOCK_K"]),)
+    grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(K, tiles["BLOCK_K"]),)
     g = g.float().contiguous()
     dora_dx_kernel[grid](
         dy, weight, g, t, lora_A, dx, seed, M, N, K, rank, float(scale), float(p_drop),
@@ -394,7 +403,7 @@ def col_dot(p: Tensor, q: Tensor) -> Tensor:
     """[N] float32 = sum over rows of p * q, a deterministic split-M sum."""
     M, N = p.shape
     block_m, block_n = 32, 128
-    n_blocks = triton.cdiv(N, block_n)
+    n_blocks = cdiv(N, block_n)
     splits, rows_per_split = row_splits(M, n_blocks, block_m)
     out = torch.empty(splits, N, device=p.device, dtype=torch.float32)
     col_dot_kernel[(n_blocks, splits)](

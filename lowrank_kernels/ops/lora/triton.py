@@ -23,7 +23,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._triton_utils import dot_precision, dropout_keep, grouped_program, pipeline_stages, rank_block, row_splits
+from ..._triton_utils import (
+    cdiv,
+    dot_precision,
+    dropout_keep,
+    grouped_program,
+    next_power_of_2,
+    pipeline_stages,
+    rank_block,
+    row_splits,
+)
 
 # Forward at M <= 64 runs as one launch that also computes xa; it keeps xa for all ranks in registers.
 FUSED_SHRINK_MAX_M = 64
@@ -418,7 +427,7 @@ def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumul
     stages also hold an xd tile (the dropout epilogue's do not: it only costs the pipeline a little depth).
     """
     if M <= FUSED_SHRINK_MAX_M:  # decode: memory bound on W; narrow N tiles give >= 1 program per SM
-        block_m = max(16, triton.next_power_of_2(M))
+        block_m = max(16, next_power_of_2(M))
         # More than 16 rows: 8 warps hold the [BLOCK_M, BLOCK_R] shrink accumulator (or the second accumulator)
         # beside the output's without spilling, and at BLOCK_M = 64 Hopper's wgmma applies (64-row warpgroups).
         tiles = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4 if block_m <= 16 else 8)
@@ -446,11 +455,11 @@ def _launch_matmul(x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, p_dro
     """
     M, K = x.shape
     N = w.shape[0]
-    block_r = max(16, triton.next_power_of_2(a.shape[0])) if fuse_shrink else rank_block(rank)
+    block_r = max(16, next_power_of_2(a.shape[0])) if fuse_shrink else rank_block(rank)
     # The dx GEMM's dropout epilogue keeps a second [BLOCK_M, BLOCK_N] fp32 tile (the low-rank term) beside b_acc.
     two_accumulators = xd is not None or epilogue_dropout
     tiles = _matmul_tiles(M, x.dtype, block_r if fuse_shrink else 0, two_accumulators=two_accumulators)
-    grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
+    grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(N, tiles["BLOCK_N"]),)
     a = a if a is not None else u  # unused when not fusing; any tensor satisfies the signature
     num, den = col_scale if col_scale is not None else (y, y)
     xd_in = xd if xd is not None else x
@@ -474,7 +483,7 @@ def shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed: int = 
     R = a.shape[0]
     t = torch.empty(M, R, device=x.device, dtype=torch.float32)
     block_m, block_r = (16 if M <= 16 else 64), rank_block(R)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
+    grid = (cdiv(M, block_m), cdiv(R, block_r))
     lora_shrink_kernel[grid](
         x, a, t, seed, M, K, R, rank, float(p_drop),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
@@ -504,7 +513,7 @@ def lowrank_matmul(x, w, bias, t, u, v, *, scale, rank, p_drop=0.0, seed=0, epil
             return y, (y - bias if bias is not None else y.clone()) if save_z else None
         y = torch.nn.functional.linear(x, w)
         z = torch.empty_like(y) if save_z else None
-        grid = (triton.cdiv(M, 64), triton.cdiv(N, 128))
+        grid = (cdiv(M, 64), cdiv(N, 128))
         tv = t if v is None else t * v.float()  # DoRA has no rank scale; kept for the interface
         lowrank_epilogue_kernel[grid](
             y, tv, u, col_scale[0], col_scale[1], bias if bias is not None else y, z if z is not None else y,
@@ -542,10 +551,10 @@ def weight_grad(t, x, v, *, scale, rank_start, rank, p_drop=0.0, seed=0) -> Tens
     n_ranks = rank - rank_start
     # With dropout the [BLOCK_M, BLOCK_K] hash beside the [BLOCK_R, BLOCK_K] accumulator spills at BLOCK_K = 128.
     block_k, block_r, block_m = 64 if p_drop > 0.0 else 128, rank_block(n_ranks), 64
-    splits, rows_per_split = row_splits(M, triton.cdiv(K, block_k) * triton.cdiv(n_ranks, block_r), block_m,
+    splits, rows_per_split = row_splits(M, cdiv(K, block_k) * cdiv(n_ranks, block_r), block_m,
                                         min_rows=WEIGHT_GRAD_MIN_ROWS)  # fmt: skip
     out = torch.empty(splits, n_ranks, K, device=x.device, dtype=torch.float32)
-    lora_weight_grad_kernel[(triton.cdiv(K, block_k), triton.cdiv(n_ranks, block_r), splits)](
+    lora_weight_grad_kernel[(cdiv(K, block_k), cdiv(n_ranks, block_r), splits)](
         t, x, v if v is not None else t, out, seed, M, K, rank_start, rank, rows_per_split, float(scale),
         float(p_drop), t.stride(0), t.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         out.stride(2), HAS_RANK_SCALE=v is not None, HAS_DROPOUT=p_drop > 0.0,
@@ -558,7 +567,7 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device) -> Tensor:
     """The mask (0 or 1/(1-p), float32 [M, K]) that these kernels apply for ``seed`` (for tests)."""
     M, K = shape
     out = torch.empty(M, K, device=device, dtype=torch.float32)
-    dropout_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](
+    dropout_mask_kernel[(cdiv(M, 32), cdiv(K, 32))](
         out, seed, M, K, float(p), out.stride(0), out.stride(1), BLOCK_M=32, BLOCK_K=32
     )
     return out

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._triton_utils import dot_precision, dropout_keep, rank_block
+from ..._triton_utils import cdiv, dot_precision, dropout_keep, rank_block
 from ..lora.naive import keep_factor
 from .naive import BatchTensors
 
@@ -287,7 +287,7 @@ def _k_splits(tile_slots: int, rank_blocks: int, K: int, block_k: int, device: t
     """K splits of the shrink: enough programs for the GPU by the batch's tile *bound*, so the choice (like the grid)
     depends only on the batch's size, never on its contents; at least one BLOCK_K per split."""
     target = SHRINK_PROGRAMS_PER_SM * _sm_count(device)
-    return max(1, min(MAX_K_SPLITS, triton.cdiv(K, block_k), triton.cdiv(target, max(1, tile_slots * rank_blocks))))
+    return max(1, min(MAX_K_SPLITS, cdiv(K, block_k), cdiv(target, max(1, tile_slots * rank_blocks))))
 
 
 def _dropout_args(p_drop: float) -> tuple[float, float]:
@@ -304,10 +304,10 @@ def shrink_partials(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float =
     T = meta.tiles.shape[0]
     block_r = rank_block(R)
     block_k = 64 if x.dtype == torch.float32 else 128
-    rank_blocks = triton.cdiv(R, block_r)
+    rank_blocks = cdiv(R, block_r)
     splits = _k_splits(T, rank_blocks, K, block_k, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    splits = triton.cdiv(K, k_per_split)
+    k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
+    splits = cdiv(K, k_per_split)
     t = (torch.zeros if zeroed else torch.empty)(splits, M, R, device=x.device, dtype=torch.float32)
     if T == 0 or M == 0:
         return t
@@ -348,7 +348,7 @@ def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None
     p, scale = _dropout_args(p_drop)
     yd_t = y if yd is None else yd
     z_t = y if z is None else z
-    multi_lora_expand_kernel[(T, triton.cdiv(N, block_n))](
+    multi_lora_expand_kernel[(T, cdiv(N, block_n))](
         t, u, y, bias if bias is not None else y, g, dora_slots, yd_t, z_t, meta.sorted_rows, meta.tiles, N, t.shape[0],
         seed, p, scale, t.stride(0), t.stride(1), t.stride(2), u.stride(0), u.stride(1), u.stride(2), y.stride(0),
         y.stride(1),
@@ -371,7 +371,7 @@ def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int,
     block_q = 64 if Q > 32 else (32 if Q > 16 else 16)
     p, scale = _dropout_args(p_drop)
     fp32 = u.dtype == torch.float32 or v.dtype == torch.float32
-    segment_weight_grad_kernel[(capacity, triton.cdiv(P, block_p), triton.cdiv(Q, block_q))](
+    segment_weight_grad_kernel[(capacity, cdiv(P, block_p), cdiv(Q, block_q))](
         u, v, out, meta.sorted_rows, meta.slot_rows, P, Q, seed, p, scale, u.stride(0), u.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), out.stride(2), HAS_DROPOUT=p_drop > 0.0,
         DOT_PRECISION=dot_precision(torch.float32 if fp32 else u.dtype), BLOCK_M=32, BLOCK_P=block_p,

@@ -62,7 +62,7 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank) -> int:
     is not checked again (a set lookup instead of ~20 checks: the per-call host cost matters at decode sizes).
     """
     tensors = (x, weight, bias, lora_A, lora_B, rank_scale)
-    if all(t is None or type(t) is Tensor or isinstance(t, Tensor) for t in tensors) and (rank is None or is_int(rank)):
+    if all(t is None or isinstance(t, Tensor) for t in tensors) and (rank is None or is_int(rank)):
         key = (*map(_signature, tensors), rank)
         if key in _VALIDATED:
             return lora_A.shape[0] if rank is None else int(rank)

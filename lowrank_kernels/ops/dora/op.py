@@ -33,7 +33,7 @@ from ..._checks import (
     seed_int,
     seed_tensor,
 )
-from ..lora.op import contiguous_vector, lowrank_forward, run_registered
+from ..lora.op import backend_for, contiguous_vector, lowrank_forward, run_registered
 from . import naive
 
 
@@ -97,13 +97,6 @@ def dora_backward(impl, dy, x, weight, lora_A, lora_B, magnitude, weight_norm, x
     return dx, dA, dB, dm
 
 
-def _backend_for(op: str, x: Tensor, weight: Tensor, *tensors: Tensor | None) -> str:
-    """The backend of this call; empty problems (M, K or N = 0) need no kernel and run on the reference."""
-    if x.numel() == 0 or weight.numel() == 0:
-        return "torch"
-    return backend.choose(op, x.device, (x, weight, *tensors))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Registration: custom ops with fake implementations and autograd.
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,7 +110,7 @@ def _dora_norm(
     ``weight_norm_sq``: [N] ``||W0_n||^2`` in that dtype (a cache; None: computed in the same pass over W0).
     """
     weight_norm_sq = contiguous_vector(weight_norm_sq)
-    impl = implementation(_backend_for("dora_norm", weight, weight, lora_A, lora_B))
+    impl = implementation(backend_for("dora_norm", weight, weight, lora_A, lora_B))
     return impl.row_norm(weight, lora_A, lora_B, weight_norm_sq, scale=scale, rank=rank)
 
 
@@ -150,7 +143,7 @@ def _dora_fwd(
     ``seed`` is a CPU int64 scalar tensor (None without dropout): a tensor, so torch.compile traces its draw.
     """
     bias, magnitude, weight_norm = map(contiguous_vector, (bias, magnitude, weight_norm))
-    impl = implementation(_backend_for("dora_fwd", x, weight, bias, lora_A, lora_B, magnitude))
+    impl = implementation(backend_for("dora_fwd", x, weight, bias, lora_A, lora_B, magnitude))
     y, xa, z = dora_forward(impl, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale=scale, rank=rank,
                             p_drop=dropout_p, seed=seed_int(seed), save_z=save_z)  # fmt: skip
     return y, xa, x.new_empty(0) if z is None else z
@@ -194,7 +187,7 @@ def _dora_bwd(
     """
     magnitude, weight_norm = contiguous_vector(magnitude), contiguous_vector(weight_norm)
     with backend.use_backend(backend_name or None):
-        impl = implementation(_backend_for("dora_bwd", x, weight, grad_out, lora_A, lora_B, magnitude))
+        impl = implementation(backend_for("dora_bwd", x, weight, grad_out, lora_A, lora_B, magnitude))
     return dora_backward(impl, grad_out, x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, scale=scale,
                          rank=rank, grad_rank_start=grad_rank_start, p_drop=dropout_p, seed=seed_int(seed),
                          needs_dx=needs_dx, needs_dAB=needs_dAB, needs_dm=needs_dm)  # fmt: skip

@@ -100,12 +100,11 @@ def lora_backward(impl, dy, x, weight, lora_A, lora_B, rank_scale, xa, *, scale,
     return dx, dA, dB, dv
 
 
-def _backend_for(op: str, *tensors: Tensor | None) -> str:
+def backend_for(op: str, x: Tensor, weight: Tensor, *tensors: Tensor | None) -> str:
     """The backend of this call; empty problems (M, K or N = 0) need no kernel and run on the reference."""
-    x, weight = tensors[0], tensors[1]
     if x.numel() == 0 or weight.numel() == 0:
         return "torch"
-    return backend.choose(op, x.device, tensors)
+    return backend.choose(op, x.device, (x, weight, *tensors))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,7 +130,7 @@ def _lora_fwd(
     ``seed`` is a CPU int64 scalar tensor (None without dropout): a tensor, so torch.compile traces its draw.
     """
     bias, rank_scale = contiguous_vector(bias), contiguous_vector(rank_scale)
-    impl = implementation(_backend_for("lora_fwd", x, weight, bias, lora_A, lora_B, rank_scale))
+    impl = implementation(backend_for("lora_fwd", x, weight, bias, lora_A, lora_B, rank_scale))
     return lora_forward(impl, x, weight, bias, lora_A, lora_B, rank_scale, scale=scale, rank=rank, p_drop=dropout_p,
                         seed=seed_int(seed))  # fmt: skip
 
@@ -169,7 +168,7 @@ def _lora_bwd(
     """
     rank_scale = contiguous_vector(rank_scale)
     with backend.use_backend(backend_name or None):
-        impl = implementation(_backend_for("lora_bwd", x, weight, grad_out, lora_A, lora_B, rank_scale))
+        impl = implementation(backend_for("lora_bwd", x, weight, grad_out, lora_A, lora_B, rank_scale))
     dx, dA, dB, dv = lora_backward(impl, grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale=scale, rank=rank,
                                    grad_rank_start=grad_rank_start, p_drop=dropout_p, seed=seed_int(seed),
                                    needs_dx=needs_dx, needs_dAB=needs_dAB)  # fmt: skip

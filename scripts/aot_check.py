@@ -3,6 +3,13 @@
 
     python scripts/aot_check.py --subset            # CI: one representative per coarse class (a few minutes)
     python scripts/aot_check.py --out sweep.md      # the whole sweep, its summary table also written to a file
+    python scripts/aot_check.py --results r.jsonl --time-limit 3600 --out sweep.md   # in pieces: resumable
+
+The whole sweep is ~2,565 specialisations x 2 targets, hours on 2 cores: ``--results`` keeps every compile's
+result in a JSON-lines file (keyed by specialisation, kernel source, target and Triton version) and a later run
+compiles only what is missing; ``--time-limit`` starts no new compile past its seconds and the report counts what it
+did not reach. Compiles go in ``compile_order``: the subset's representatives, every other 16-bit specialisation,
+then float32 (the report-only ones, whose spilling tiles are the slowest for ptxas).
 
 How it works:
 
@@ -44,8 +51,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
 import itertools
+import json
 import os
 import re
 import shutil
@@ -100,6 +109,7 @@ class Spec:
     num_warps: int
     num_stages: int
     launches: list = field(default_factory=list)  # [(case id, (grid x, y, z))]
+    key: tuple = ()  # the recorder's dedup key (what Triton compiles), for the results cache
 
     @property
     def dtype(self) -> str:
@@ -206,7 +216,7 @@ class LaunchRecorder:
         )
         spec = self.specs.get(key)
         if spec is None:
-            spec = self.specs[key] = Spec(kernel, name, signature, constexprs, attrs, num_warps, num_stages)
+            spec = self.specs[key] = Spec(kernel, name, signature, constexprs, attrs, num_warps, num_stages, key=key)
         grid = tuple(grid) + (1,) * (3 - len(grid))
         spec.launches.append((self.case, grid))
         self.launch_count += 1
@@ -501,26 +511,101 @@ def _compile_job(job: tuple[int, int]) -> tuple[int, int, dict]:
 _JOB_SPECS: list[Spec] = []
 
 
-def compile_all(specs: list[Spec], archs=ARCHS, workers: int | None = None) -> dict[tuple[int, int], dict]:
-    """{(spec index, arch): result}, compiled in ``workers`` forked processes."""
+def result_key(spec: Spec, arch: int) -> str:
+    """What a cached result stands for: the specialisation, the kernel's source (with what it calls: Triton's own
+    ``cache_key``), the target and the Triton version. A changed kernel, tile or option is a new key."""
+    source = getattr(spec.kernel, "cache_key", None) or inspect.getsource(spec.kernel.fn)
+    text = repr((spec.key, source, arch, triton.__version__))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _load_results(path: str | None) -> dict[str, dict]:
+    if not path or not Path(path).exists():
+        return {}
+    cached = {}
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError):
+            entry = json.loads(line)
+            cached[entry["key"]] = entry["result"]
+    return cached
+
+
+def compile_order(specs: list[Spec]) -> list[int]:
+    """Spec indices, what the rules fail on first: the subset's representatives, then every other 16-bit
+    specialisation, then float32 (reported only; its spilling tiles keep ptxas busy longest)."""
+    first = {id(s) for s in coarse_subset(specs)}
+    return sorted(range(len(specs)), key=lambda i: (id(specs[i]) not in first, specs[i].dtype not in SIXTEEN_BIT, i))
+
+
+def compile_all(specs: list[Spec], archs=ARCHS, workers: int | None = None, results_file: str | None = None,
+                time_limit: float | None = None) -> dict[tuple[int, int], dict]:  # fmt: skip
+    """{(spec index, arch): result}, compiled in ``workers`` forked processes, in ``compile_order``.
+
+    ``results_file``: a JSON-lines cache of results (``result_key``); what it holds is not compiled again and every
+    new result is appended as it comes, so a sweep stopped anywhere resumes where it stopped. ``time_limit``:
+    seconds after which no new compile starts (the results so far are returned; the report counts what is missing).
+    Progress goes to stderr."""
     import concurrent.futures
     import multiprocessing
 
     global _JOB_SPECS
     _JOB_SPECS = specs
-    jobs = [(i, arch) for i in range(len(specs)) for arch in archs]
+    cached = _load_results(results_file)
+    results, jobs = {}, []
+    for i in compile_order(specs):
+        for arch in archs:
+            hit = cached.get(result_key(specs[i], arch))
+            if hit is not None:
+                results[(i, arch)] = hit
+            else:
+                jobs.append((i, arch))
+    total, reused, start = len(specs) * len(archs), len(results), time.perf_counter()
+    sink = open(results_file, "a") if results_file else None  # noqa: SIM115 (closed below)
+    last_note = [start]
+
+    def done(i: int, arch: int, res: dict) -> None:
+        results[(i, arch)] = res
+        if sink:
+            sink.write(json.dumps(dict(key=result_key(specs[i], arch), result=res)) + "\n")
+            sink.flush()
+        now = time.perf_counter()
+        if now - last_note[0] > 60 or len(results) == total:
+            last_note[0] = now
+            new = len(results) - reused
+            rate = new / (now - start)
+            eta = (total - len(results)) / rate if rate else float("inf")
+            print(f"[{len(results)}/{total} compiles, {reused} from {results_file}, {now - start:.0f} s, "
+                  f"{rate * 3600:.0f} an hour, {eta / 60:.0f} min to go]", file=sys.stderr, flush=True)  # fmt: skip
+
+    def in_time() -> bool:
+        return time_limit is None or time.perf_counter() - start < time_limit
+
     workers = workers or os.cpu_count() or 1
-    results = {}
-    if workers == 1:
-        for job in jobs:
-            i, arch, res = _compile_job(job)
-            results[(i, arch)] = res
+    try:
+        if workers == 1:
+            for job in jobs:
+                if not in_time():
+                    break
+                done(*_compile_job(job))
+            return results
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            pending, queue = set(), iter(jobs)
+            while True:
+                while len(pending) < 2 * workers and in_time():
+                    job = next(queue, None)
+                    if job is None:
+                        break
+                    pending.add(pool.submit(_compile_job, job))
+                if not pending:
+                    break
+                finished, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    done(*future.result())
         return results
-    context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        for i, arch, res in pool.map(_compile_job, jobs, chunksize=1):
-            results[(i, arch)] = res
-    return results
+    finally:
+        if sink:
+            sink.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -539,32 +624,108 @@ def _grid_summary(spec: Spec, results: dict) -> str:
 
 
 def report(specs: list[Spec], results: dict, archs=ARCHS) -> tuple[str, list[str]]:
-    """(markdown table, failures): a row per specialisation, both targets side by side."""
+    """(markdown table, failures): a row per compiled specialisation, both targets side by side."""
     head = "| kernel | dtype | config | " + " | ".join(
         f"sm_{a} regs | sm_{a} spill st/ld | sm_{a} smem | sm_{a} mma" for a in archs
     )
     lines = [head + " | programs (waves on 132 SMs) | launches |", "|" + "---|" * (3 + 4 * len(archs) + 2)]
     failures = []
     for i, spec in enumerate(specs):
+        per_arch = {a: results[(i, a)] for a in archs if (i, a) in results}
+        if not per_arch:
+            continue
         cells = []
-        per_arch = {a: results[(i, a)] for a in archs}
         for a in archs:
-            res = per_arch[a]
-            if res["error"]:
+            res = per_arch.get(a)
+            if res is None:
+                cells += ["not compiled", "", "", ""]
+            elif res["error"]:
                 cells += ["ERROR", "", "", ""]
             else:
                 cells += [str(res["registers"]), f"{res['spill_stores']}/{res['spill_loads']}", str(res["shared"]),
                           res["mma"]]  # fmt: skip
-            failures += [f"{spec.name} {spec.dtype} {spec.config} sm_{a}: {p}" for p in problems(spec, res)]
+            if res is not None:
+                failures += [f"{spec.name} {spec.dtype} {spec.config} sm_{a}: {p}" for p in problems(spec, res)]
         lines.append(f"| {spec.name} | {spec.dtype} | {spec.config} | " + " | ".join(cells)
                      + f" | {_grid_summary(spec, per_arch)} | {len(spec.launches)} |")  # fmt: skip
     return "\n".join(lines), failures
 
 
+def _span(values) -> str:
+    values = sorted(set(values))
+    if not values:
+        return "-"
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def kernel_table(specs: list[Spec], results: dict, archs=ARCHS) -> str:
+    """A row per kernel and dtype class (16-bit, fp32) over its compiled specialisations: registers, spill
+    compiles (worst STL), shared memory, the sm_90 MMA families, and the waves on 132 SMs over its launches."""
+    groups: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault((spec.name, "16-bit" if spec.dtype in SIXTEEN_BIT else "fp32"), []).append(i)
+    head = "| kernel | dtype | specs compiled | " + " | ".join(f"sm_{a} regs" for a in archs)
+    lines = [head + " | spill compiles (max STL) | smem (B) | sm_90 mma | waves |", "|" + "---|" * (6 + len(archs))]
+    for (name, kind), indices in sorted(groups.items()):
+        done = [(i, a, results[(i, a)]) for i in indices for a in archs if (i, a) in results]
+        ok = [(i, a, r) for i, a, r in done if not r["error"]]
+        compiled = len({i for i, _, _ in done})
+        regs = [_span(r["registers"] for _, b, r in ok if b == a) for a in archs]
+        spilled = [r for _, _, r in ok if r["spill_stores"] or r["spill_loads"]]
+        spills = f"{len(spilled)} ({max(r['spill_stores'] for r in spilled)})" if spilled else "0"
+        mma: dict[str, int] = {}
+        for _, a, r in ok:
+            if a == 90 and r["dots"]:
+                mma[r["mma"]] = mma.get(r["mma"], 0) + 1
+        waves = []
+        for i, a, r in ok:
+            if a == 90:
+                per_wave = SM_COUNT * occupancy(specs[i], r)
+                waves += [gx * gy * gz / per_wave for _, (gx, gy, gz) in specs[i].launches]
+        wave_span = f"{min(waves):.2g}-{max(waves):.2g}" if waves else "-"
+        errors = len(done) - len(ok)
+        lines.append(f"| {name} | {kind} | {compiled} / {len(indices)}" + (f" ({errors} errors)" if errors else "")
+                     + " | " + " | ".join(regs) + f" | {spills} | {_span(r['shared'] for _, _, r in ok)} | "
+                     + (", ".join(f"{k} {v}" for k, v in sorted(mma.items())) or "no dot")
+                     + f" | {wave_span} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def summarise(chosen: list[Spec], results: dict, archs, failures: list[str], seconds: float) -> str:
+    """The sweep's numbers in one paragraph (what the rules count, over the compiled specialisations)."""
+    ok = {k: r for k, r in results.items() if not r["error"]}
+    sixteen = {k: r for k, r in ok.items() if chosen[k[0]].dtype in SIXTEEN_BIT}
+    spilled16 = [k for k, r in sixteen.items() if r["spill_stores"] or r["spill_loads"] or r["local"]]
+    allowed16 = [k for k in spilled16 if not problems(chosen[k[0]], ok[k])]
+    spilled32 = [k for k, r in ok.items() if k not in sixteen and (r["spill_stores"] or r["spill_loads"])]
+    shared = [k for k, r in ok.items() if r["shared"] > SHARED_LIMIT[r["arch"]]]
+    no_tc = [k for k, r in ok.items() if r["dots16"] and r["mma"] not in ("HMMA", "HGMMA")]
+    families: dict[str, int] = {}
+    for (_, a), r in ok.items():
+        if a == 90 and r["dots"]:
+            families[r["mma"]] = families.get(r["mma"], 0) + 1
+    compiled = len({i for i, _ in results})
+    complete = len({i for i in range(len(chosen)) if all((i, a) in results for a in archs)})
+    n16 = sum(1 for s in chosen if s.dtype in SIXTEEN_BIT)
+    missing = len(chosen) * len(archs) - len(results)
+    return (f"triton {triton.__version__}, torch {torch.__version__}: {len(chosen)} specialisations ({n16} 16-bit) x "
+            f"{len(archs)} targets; compiled {len(results)} of {len(chosen) * len(archs)} "
+            f"({complete} specialisations on every target, {compiled} on at least one"
+            + (f"; {missing} compiles not reached" if missing else "") + "); "
+            f"{len(results) - len(ok)} compile errors, {len(shared)} over the shared-memory limit, "
+            f"{len(spilled16)} 16-bit compiles with spills ({len(allowed16)} allowed by SPILL_ALLOWANCE), "
+            f"{len(no_tc)} with 16-bit dots off the tensor cores, {len(spilled32)} fp32 compiles with spills "
+            f"(reported only); sm_90 compiles with dots: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(families.items())) or "none")
+            + f"; {len(failures)} failures; {seconds:.0f} s")  # fmt: skip
+
+
 def check(subset: bool = True, archs=ARCHS, workers: int | None = None, out: str | None = None,
-          cases: str | None = None, only: str | None = None) -> int:  # fmt: skip
+          cases: str | None = None, only: str | None = None, results_file: str | None = None,
+          time_limit: float | None = None) -> int:  # fmt: skip
     """Enumerate, compile, report; 0 when every rule holds, 1 otherwise. ``cases`` / ``only``: regular expressions
-    on the case ids / on ``"kernel dtype config"`` of the specialisations (to look at a few)."""
+    on the case ids / on ``"kernel dtype config"`` of the specialisations (to look at a few). ``results_file`` /
+    ``time_limit``: see ``compile_all``; a sweep cut short by its time limit also exits 1 (it checked less)."""
     start = time.perf_counter()
     recorder = enumerate_launches(subset, case_filter=cases)
     specs = distinct_specs(recorder)
@@ -573,22 +734,18 @@ def check(subset: bool = True, archs=ARCHS, workers: int | None = None, out: str
         chosen = [s for s in chosen if re.search(only, f"{s.name} {s.dtype} {s.config}")]
     enumerated = time.perf_counter() - start
     print(f"triton {triton.__version__}, torch {torch.__version__}: {recorder.launch_count} launches, "
-          f"{len(specs)} distinct specialisations, {len(chosen)} compiled for "
+          f"{len(specs)} distinct specialisations, {len(chosen)} to compile for "
           f"{', '.join(f'sm_{a}' for a in archs)} ({'subset' if subset else 'full sweep'}; "
           f"enumerated in {enumerated:.1f} s)", flush=True)  # fmt: skip
-    results = compile_all(chosen, archs, workers)
+    remaining = None if time_limit is None else max(0.0, time_limit - enumerated)
+    results = compile_all(chosen, archs, workers, results_file, remaining)
     table, failures = report(chosen, results, archs)
-    spills16 = sum(1 for (i, a), r in results.items() if not r["error"] and chosen[i].dtype in SIXTEEN_BIT
-                   and (r["spill_stores"] or r["spill_loads"]))  # fmt: skip
-    spills32 = sum(1 for (i, a), r in results.items() if not r["error"] and chosen[i].dtype not in SIXTEEN_BIT
-                   and (r["spill_stores"] or r["spill_loads"]))  # fmt: skip
-    hgmma = sum(1 for (i, a), r in results.items() if a == 90 and not r["error"] and r["mma"] == "HGMMA")
-    errors = sum(1 for r in results.values() if r["error"])
-    summary = (f"triton {triton.__version__}: {len(chosen)} specialisations x {len(archs)} targets, "
-               f"{errors} compile errors, {spills16} 16-bit and {spills32} fp32 (reported only) compiles with "
-               f"spills, {hgmma} sm_90 compiles on wgmma (HGMMA), {len(failures)} failures; "
-               f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+    summary = summarise(chosen, results, archs, failures, time.perf_counter() - start)
+    kernels = kernel_table(chosen, results, archs)
     print(table)
+    print()
+    print(kernels)
+    print()
     print(summary)
     allowed = [f"{chosen[i].name} {chosen[i].dtype} {chosen[i].config} sm_{a}: {r['spill_stores']} STL, "
                f"{r['spill_loads']} LDL (allowance {SPILL_ALLOWANCE[chosen[i].name]} STL)"
@@ -599,8 +756,9 @@ def check(subset: bool = True, archs=ARCHS, workers: int | None = None, out: str
     for failure in failures:
         print("FAIL", failure)
     if out:
-        Path(out).write_text(f"{summary}\n\n{table}\n" + "".join(f"\nFAIL {f}" for f in failures) + "\n")
-    return 1 if failures else 0
+        Path(out).write_text(f"{summary}\n\n{kernels}\n\n{table}\n" + "".join(f"\nALLOWED spill {a}" for a in allowed)
+                             + "".join(f"\nFAIL {f}" for f in failures) + "\n")  # fmt: skip
+    return 1 if failures or len(results) < len(chosen) * len(archs) else 0
 
 
 def main(argv=None) -> int:
@@ -611,9 +769,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="also write the summary table to this file")
     parser.add_argument("--cases", default=None, help="regular expression the enumerated case ids must match")
     parser.add_argument("--only", default=None, help="regular expression on 'kernel dtype config' to compile")
+    parser.add_argument("--results", default=None, help="JSON-lines cache of compile results: reused, appended to")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds (from the start) after which no new compile starts; the report says what is "
+                             "missing")  # fmt: skip
     args = parser.parse_args(argv)
     return check(subset=args.subset, archs=tuple(args.arch or ARCHS), workers=args.workers, out=args.out,
-                 cases=args.cases, only=args.only)  # fmt: skip
+                 cases=args.cases, only=args.only, results_file=args.results,
+                 time_limit=args.time_limit)  # fmt: skip
 
 
 if __name__ == "__main__":

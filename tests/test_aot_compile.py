@@ -157,3 +157,33 @@ def test_the_subset_is_drawn_from_the_shared_registry():
     assert set(aot_check.SUBSET_M) <= set(shapes.SWEEP_M) and set(aot_check.SUBSET_RANKS) <= set(shapes.SWEEP_RANKS)
     full = [case for case, _ in aot_check.sweep_cases(subset=False)]
     assert len({case.split()[1] for case in full if case.startswith("lora ")}) == len(shapes.MODEL_SHAPES)
+
+
+def test_results_cache_resumes_a_sweep_and_the_time_limit_stops_it(tmp_path, monkeypatch):
+    """The full sweep runs for hours on 2 cores: a time limit stops it (nothing new starts), the JSON-lines cache
+    keeps every result, and the next run compiles only what is missing; the rules' specialisations go first."""
+    specs = aot_check.distinct_specs(aot_check.enumerate_launches(cases=list(_few_cases())))
+    order = aot_check.compile_order(specs)
+    first = {id(s) for s in aot_check.coarse_subset(specs)}
+    assert {id(specs[i]) for i in order[: len(first)]} == first  # the subset's representatives first
+    kinds = [specs[i].dtype in aot_check.SIXTEEN_BIT for i in order]
+    assert kinds == sorted(kinds, reverse=True)  # every 16-bit specialisation before any float32 one
+    few = specs[:3]
+    calls = []
+    fake = dict(error=None, shared=0, spill_stores=0, spill_loads=0, local=0, registers=32, dots=0, dots16=0, mma="-")
+
+    def compile_job(job):
+        calls.append(job)
+        return job[0], job[1], {**fake, "arch": job[1]}
+
+    monkeypatch.setattr(aot_check, "_compile_job", compile_job)
+    cache = str(tmp_path / "results.jsonl")
+    assert aot_check.compile_all(few, workers=1, results_file=cache, time_limit=0) == {} and not calls
+    full = aot_check.compile_all(few, workers=1, results_file=cache)
+    assert len(full) == len(calls) == 3 * len(aot_check.ARCHS)
+    assert aot_check.compile_all(few, workers=1, results_file=cache) == full and len(calls) == len(full)
+    table, failures = aot_check.report(few, full)
+    assert failures == [] and "compiled 6 of 6" in aot_check.summarise(few, full, aot_check.ARCHS, failures, 1.0)
+    assert all(f"| {s.name} |" in aot_check.kernel_table(few, full) for s in few)
+    partial = {k: v for k, v in full.items() if k[0] != 0}
+    assert "compiled 4 of 6" in aot_check.summarise(few, partial, aot_check.ARCHS, [], 1.0)

@@ -62,7 +62,7 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank) -> int:
     is not checked again (a set lookup instead of ~20 checks: the per-call host cost matters at decode sizes).
     """
     tensors = (x, weight, bias, lora_A, lora_B, rank_scale)
-    if all(t is None or isinstance(t, Tensor) for t in tensors) and (rank is None or is_int(rank)):
+    if all(t is None or isinstance(t, Tensor) for t in tensors) and (rank is None or type(rank) is int):
         key = (*map(_signature, tensors), rank)
         if key in _VALIDATED:
             return lora_A.shape[0] if rank is None else int(rank)
@@ -112,12 +112,16 @@ def check_rank(rank, R: int) -> int:
 
 
 def check_scale(scale) -> float:
+    if type(scale) is float and math.isfinite(scale):  # the common case, without the numbers.Real ABC check
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     return float(scale)
 
 
 def check_dropout(dropout) -> float:
+    if type(dropout) is float and 0.0 <= dropout < 1.0:
+        return dropout
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     return float(dropout)

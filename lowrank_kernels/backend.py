@@ -123,7 +123,7 @@ def choose(op: str, device: torch.device, tensors: Iterable[torch.Tensor | None]
     name = requested_backend()
     if name is None and device.type != "cuda":
         return "torch"
-    dtypes = {t.dtype for t in tensors if t is not None and t.is_floating_point()}
+    dtypes = {t.dtype for t in tensors if t is not None and t.dtype.is_floating_point}
     if name is not None:
         reason = availability(name, device) or _dtype_reason(name, dtypes)
         if reason is not None:

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..ops.lora.naive import cast
 from ..ops.lora.op import dropout_mask, lora_linear
 from .lora import linear_layout, peft_alias
 from .merge import DeltaMerge
@@ -297,11 +298,11 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
                 x,
                 self.base_weight,
                 self.bias,
-                A.to(dtype),
-                B.to(dtype),
+                cast(A, dtype),
+                cast(B, dtype),
                 scale=self.scale,
                 rank=self._active_rank if idx is None else None,
-                rank_scale=E.to(dtype),
+                rank_scale=cast(E, dtype),
                 dropout=dropout,
                 seed=seed,
             )

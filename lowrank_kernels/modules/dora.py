@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.dora.op import dora_linear, dora_weight_norm, weight_norm_sq
+from ..ops.lora.naive import cast
 from ..ops.lora.op import dropout_mask
 from .lora import LoRALinear, Quantized4bitBase, lowrank_term
 
@@ -96,7 +97,7 @@ class DoRALinear(LoRALinear):
 
     def _weight_norm(self, dtype: torch.dtype) -> Tensor:
         """The detached row norm at the active rank with A and B cast to ``dtype`` (as forward uses them)."""
-        A, B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        A, B = cast(self.lora_A.weight, dtype), cast(self.lora_B.weight, dtype)
         return dora_weight_norm(self.base_weight, A, B, scale=self.scaling, rank=self._active_rank,
                                 weight_norm_sq=self._current_weight_norm_sq())  # fmt: skip
 
@@ -133,9 +134,9 @@ class DoRALinear(LoRALinear):
             x,
             self.base_weight,
             self.bias,
-            self.lora_A.weight.to(dtype),
-            self.lora_B.weight.to(dtype),
-            self.lora_magnitude_vector.to(dtype),
+            cast(self.lora_A.weight, dtype),
+            cast(self.lora_B.weight, dtype),
+            cast(self.lora_magnitude_vector, dtype),
             scale=self.scaling,
             rank=self._active_rank,
             dropout=self.lora_dropout if self.training else 0.0,

@@ -8,6 +8,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from ..ops.lora.naive import cast
 from ..ops.lora.op import dropout_mask, lora_linear
 from .merge import DeltaMerge
 
@@ -224,8 +225,8 @@ class LoRALinear(DeltaMerge, nn.Module):
             x,
             self.base_weight,
             self.bias,
-            self.lora_A.weight.to(dtype),
-            self.lora_B.weight.to(dtype),
+            cast(self.lora_A.weight, dtype),
+            cast(self.lora_B.weight, dtype),
             scale=self.scaling,
             rank=self._active_rank,
             dropout=self.lora_dropout if self.training else 0.0,

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..lora.naive import compute_dtype, dropout_mask, lowrank_matmul, shrink, weight_grad
+from ..lora.naive import cast, compute_dtype, dropout_mask, lowrank_matmul, shrink, weight_grad
 
 __all__ = ["lowrank_matmul", "shrink", "weight_grad"]  # the LoRA primitives DoRA runs on, beside its own
 
@@ -85,7 +85,7 @@ def dora_linear_ref(
 def weight_norm_sq(weight: Tensor) -> Tensor:
     """``||W0_n||^2`` for every row n: [N] float32 (float64 for a float64 weight), summed a row chunk at a time."""
     compute = torch.promote_types(weight.dtype, torch.float32)
-    return torch.cat([w.to(compute).square().sum(1) for w in weight.detach().split(_ROW_CHUNK)])
+    return torch.cat([cast(w, compute).square().sum(1) for w in weight.detach().split(_ROW_CHUNK)])
 
 
 # The factored row norm gives way to the direct one where it fell below this fraction of ||W0_n||^2 + s^2 ||(BA)_n||^2:
@@ -97,7 +97,7 @@ def direct_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: fl
     """``||W0_n + s B_n A||`` for the rows ``rows`` (an index tensor), ``_ROW_CHUNK`` rows at a time in the compute
     dtype: never more than ``[_ROW_CHUNK, K]`` of ``W0 + s B A`` exists."""
     compute = compute_dtype(weight.dtype)
-    A = lora_A[:rank].to(compute)
+    A = cast(lora_A[:rank], compute)
     out = torch.empty(rows.shape[0], device=weight.device, dtype=compute)
     for start in range(0, rows.shape[0], _ROW_CHUNK):
         idx = rows[start : start + _ROW_CHUNK]
@@ -121,15 +121,15 @@ def row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_norm_sq: Ten
     """``||W0 + s B[:, :rank] A[:rank]||_row`` [N] in the compute dtype, factored (one pass over W0, ``chunk_rows``
     rows at a time upcast, the only temporary), cancelled rows direct. weight_norm_sq: [N] cache | None."""
     compute = compute_dtype(weight.dtype)
-    A = lora_A[:rank].to(compute)
-    B = lora_B[:, :rank].to(compute)
+    A = cast(lora_A[:rank], compute)
+    B = cast(lora_B[:, :rank], compute)
     G = A @ A.t()
     norm_sq = torch.empty(weight.shape[0], device=weight.device, dtype=compute)
     reference_sq = torch.empty_like(norm_sq)
     for start in range(0, weight.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        w, b = weight[rows].to(compute), B[rows]
-        w0_sq = (w * w).sum(1) if weight_norm_sq is None else weight_norm_sq[rows].to(compute)
+        w, b = cast(weight[rows], compute), B[rows]
+        w0_sq = (w * w).sum(1) if weight_norm_sq is None else cast(weight_norm_sq[rows], compute)
         quad = scale * scale * ((b @ G) * b).sum(1)
         norm_sq[rows] = w0_sq + 2 * scale * (b * (w @ A.t())).sum(1) + quad
         reference_sq[rows] = w0_sq + quad
@@ -149,8 +149,8 @@ def dora_dx(dy: Tensor, weight: Tensor, g: Tensor, t: Tensor, lora_A: Tensor, *,
     """DoRA's input gradient in dy's dtype: ``(dy * g) W0 + s t[:, :rank] A[:rank]``, with dropout
     ``dy W0 + drop'((dy * (g - 1)) W0 + s t A)``. dy: [M, N], g: [N], t = (dy * g) B: [M, >=rank]."""
     compute = compute_dtype(dy.dtype)
-    dyc, w, gc = dy.to(compute), weight.to(compute), g.to(compute)
-    low = scale * (t[:, :rank].to(compute) @ lora_A[:rank].to(compute))
+    dyc, w, gc = cast(dy, compute), cast(weight, compute), cast(g, compute)
+    low = scale * (cast(t[:, :rank], compute) @ cast(lora_A[:rank], compute))
     if p_drop == 0.0:
         dx = (dyc * gc) @ w + low
     else:
@@ -162,4 +162,4 @@ def dora_dx(dy: Tensor, weight: Tensor, g: Tensor, t: Tensor, lora_A: Tensor, *,
 def col_dot(p: Tensor, q: Tensor) -> Tensor:
     """[N] = sum over rows of p * q, in the compute dtype (DoRA's magnitude gradient: ``sum_rows(dy * z)``)."""
     compute = compute_dtype(p.dtype)
-    return (p.to(compute) * q.to(compute)).sum(0)
+    return (cast(p, compute) * cast(q, compute)).sum(0)

@@ -17,8 +17,6 @@ every magnitude (``m = 0`` included).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -33,7 +31,7 @@ from ..._checks import (
     seed_int,
     seed_tensor,
 )
-from ..lora.op import backend_for, contiguous_vector, lowrank_forward, run_registered
+from ..lora.op import as_rows, backend_for, contiguous_vector, lowrank_forward, run_registered
 from . import naive
 
 
@@ -334,10 +332,8 @@ def dora_linear(
     else:
         check_vector("weight_norm", weight_norm, N, "out_features", "x", x, same_dtype=False)
         weight_norm = weight_norm.detach().to(naive.compute_dtype(x.dtype))
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(math.prod(lead), K)  # not reshape(-1, K): that fails for K == 0
     save_z = torch.is_grad_enabled() and magnitude.requires_grad
     lo = b - 1 if frozen else 0  # the first rank that trains
-    args = (x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, b, lo, dropout, seed_t, save_z)
+    args = (as_rows(x), weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, b, lo, dropout, seed_t, save_z)
     y, _, _ = run_registered(dora_fwd, _EagerDoRA, _dora_fwd, args, (x, weight, bias, lora_A, lora_B, magnitude))
-    return y.reshape(*lead, N)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)

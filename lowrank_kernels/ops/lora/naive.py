@@ -23,6 +23,7 @@ over, in PyTorch: the ``torch`` backend; ``triton.py`` and ``cuda.py`` implement
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -95,7 +96,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in ``dtype``; no call at all when it already is (a no-op ``.to`` still costs ~1 us per call)."""
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -114,13 +115,13 @@ def keep_factor(p: float) -> float:
 def shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
     """t [M, R] = drop(x) a[:rank]^T in the compute dtype, zero past ``rank``. x: [M, K], a: [R, K] (any strides)."""
     compute = compute_dtype(x.dtype)
-    xc = _as(x, compute)
+    xc = cast(x, compute)
     if p_drop > 0.0:
-        xc = xc * _as(dropout_mask(seed, tuple(x.shape), p_drop, x.device), compute)
+        xc = xc * cast(dropout_mask(seed, tuple(x.shape), p_drop, x.device), compute)
     if rank == a.shape[0]:
-        return xc @ _as(a, compute).t()
+        return F.linear(xc, cast(a, compute))
     t = torch.zeros(x.shape[0], a.shape[0], device=x.device, dtype=compute)
-    t[:, :rank] = xc @ _as(a[:rank], compute).t()
+    t[:, :rank] = xc @ cast(a[:rank], compute).t()
     return t
 
 
@@ -154,33 +155,33 @@ def lowrank_matmul(
     ``z`` (what DoRA's magnitude gradient needs) is returned when ``save_z``.
     """
     compute = compute_dtype(x.dtype)
-    xc, wt = _as(x, compute), _as(w, compute).t()
-    tv = _as(_first(t, rank), compute)
+    xc, wc = cast(x, compute), cast(w, compute)
+    tv = cast(_first(t, rank), compute)
     if v is not None:
-        tv = tv * _as(v[:rank], compute)
-    up = _as(_first(u, rank), compute).t()
+        tv = tv * cast(v[:rank], compute)
+    up = cast(_first(u, rank), compute).t()
     rest = None
     bias_in_gemm = bias is not None and col_scale is None and dropped_x is None and not save_z  # plain LoRA
     if bias_in_gemm:
-        z = torch.addmm(_as(bias, compute), xc, wt)
+        z = F.linear(xc, wc, cast(bias, compute))
     elif dropped_x is None:
-        z = xc @ wt
+        z = F.linear(xc, wc)
     else:
-        z = (_as(dropped_x, compute) @ wt) * keep_factor(p_drop)
-        rest = xc @ wt - z
+        z = F.linear(cast(dropped_x, compute), wc) * keep_factor(p_drop)
+        rest = F.linear(xc, wc) - z
     if epilogue_dropout:
-        z += scale * (tv @ up) * _as(dropout_mask(seed, (x.shape[0], u.shape[0]), p_drop, x.device), compute)
+        z += scale * (tv @ up) * cast(dropout_mask(seed, (x.shape[0], u.shape[0]), p_drop, x.device), compute)
     else:
         z.addmm_(tv, up, alpha=scale)
     if col_scale is None:
         y = z.clone() if save_z else z
     else:
-        y = z * (_as(col_scale[0], compute) / _as(col_scale[1], compute))
+        y = z * (cast(col_scale[0], compute) / cast(col_scale[1], compute))
     if rest is not None:
         y += rest
     if bias is not None and not bias_in_gemm:
-        y += _as(bias, compute)
-    return _as(y, x.dtype), (_as(z, x.dtype) if save_z else None)
+        y += cast(bias, compute)
+    return cast(y, x.dtype), (cast(z, x.dtype) if save_z else None)
 
 
 def weight_grad(
@@ -198,10 +199,10 @@ def weight_grad(
 
     t: [M, >=rank], x: [M, K], v: [>=rank] | None."""
     compute = compute_dtype(x.dtype)
-    xc = _as(x, compute)
+    xc = cast(x, compute)
     if p_drop > 0.0:
-        xc = xc * _as(dropout_mask(seed, tuple(x.shape), p_drop, x.device), compute)
-    tv = _as(t[:, rank_start:rank], compute)
+        xc = xc * cast(dropout_mask(seed, tuple(x.shape), p_drop, x.device), compute)
+    tv = cast(t[:, rank_start:rank], compute)
     if v is not None:
-        tv = tv * _as(v[rank_start:rank], compute)
+        tv = tv * cast(v[rank_start:rank], compute)
     return scale * (tv.t() @ xc)

@@ -225,6 +225,13 @@ class _EagerLoRA(torch.autograd.Function):
         ctx.eager = True
 
 
+def as_rows(x: Tensor) -> Tensor:
+    """x [..., K] as the [M, K] matrix the ops take (x itself when 2-D: a reshape costs ~1 us a call)."""
+    if x.dim() == 2:
+        return x
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not reshape(-1, K): that fails for K == 0
+
+
 def run_registered(op, eager_function, body, args, tensors):
     """Run an op: the registered custom op under ``torch.compile``; in eager mode the autograd Function over the same
     body, or the body alone when nothing needs a gradient (inference pays no autograd plumbing)."""
@@ -266,11 +273,9 @@ def lora_linear(
     b = check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank)
     scale, dropout = check_scale(scale), check_dropout(dropout)
     seed_t = seed_tensor(dropout, seed)
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(math.prod(lead), K)  # not reshape(-1, K): that fails for K == 0
-    args = (x2d, weight, bias, lora_A, lora_B, rank_scale, scale, b, b - 1 if frozen else 0, dropout, seed_t)
+    args = (as_rows(x), weight, bias, lora_A, lora_B, rank_scale, scale, b, b - 1 if frozen else 0, dropout, seed_t)
     y, _ = run_registered(lora_fwd, _EagerLoRA, _lora_fwd, args, (x, weight, bias, lora_A, lora_B, rank_scale))
-    return y.reshape(*lead, weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device | str = "cpu") -> Tensor:

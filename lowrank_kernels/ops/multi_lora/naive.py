@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..lora.naive import dropout_mask
+from ..lora.naive import cast, compute_dtype, dropout_mask
 
 
 class AdapterWeights(NamedTuple):
@@ -130,11 +130,6 @@ class BatchTensors(NamedTuple):
     block_m: int
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What the primitives accumulate in: float32, float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def row_mask(meta: BatchTensors, R: int) -> Tensor:
     """[M, R] bool: rank r is active on row t (r < b_t; no rank on a row without adapter)."""
     return torch.arange(R, device=meta.row_rank.device) < meta.row_rank.long().unsqueeze(-1)
@@ -146,12 +141,12 @@ def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 
     x: [M, K]; a: [n, R, K] (the pool's ``lora_A``, or ``lora_B.transpose(1, 2)`` for the backward's ``dy B``),
     any strides. Each row gathers its adapter (a gather-bmm)."""
     compute = compute_dtype(x.dtype)
-    xc = x.to(compute)
+    xc = cast(x, compute)
     if p_drop > 0.0:
         xc = xc * dropout_mask(seed, tuple(x.shape), p_drop, x.device).to(compute)
     idx = meta.row_slot.long().clamp_min(0)
-    t = torch.bmm(a[idx].to(compute), xc.unsqueeze(-1)).squeeze(-1)  # [M, R]
-    return torch.where(row_mask(meta, a.shape[1]), t * meta.row_scale.to(compute).unsqueeze(-1), 0.0)
+    t = torch.bmm(cast(a[idx], compute), xc.unsqueeze(-1)).squeeze(-1)  # [M, R]
+    return torch.where(row_mask(meta, a.shape[1]), t * cast(meta.row_scale, compute).unsqueeze(-1), 0.0)
 
 
 def dora_epilogue(y: Tensor, low: Tensor, g_rows: Tensor, is_dora: Tensor, bias: Tensor | None,
@@ -193,17 +188,17 @@ def segment_expand(
     compute = compute_dtype(y.dtype)
     idx = meta.row_slot.long().clamp_min(0)
     has = (meta.row_slot >= 0).unsqueeze(-1)
-    low = torch.bmm(u[idx].to(compute), t.to(compute).unsqueeze(-1)).squeeze(-1)
+    low = torch.bmm(cast(u[idx], compute), cast(t, compute).unsqueeze(-1)).squeeze(-1)
     low = torch.where(has, low, 0.0)
     if p_drop > 0.0:
         low = low * dropout_mask(seed, tuple(low.shape), p_drop, y.device).to(compute)
-    yc = y.to(compute)
+    yc = cast(y, compute)
     if dora is None:
         return (yc + low).to(y.dtype), (torch.zeros_like(y) if save_z else None)
     g, dora_slots = dora
     is_dora = has & (dora_slots.long()[idx] != 0).unsqueeze(-1)
-    g_rows = torch.where(is_dora, g[idx].to(compute), 1.0)
-    out, z = dora_epilogue(yc, low, g_rows, is_dora, bias, None if yd is None else yd.to(compute))
+    g_rows = torch.where(is_dora, cast(g[idx], compute), 1.0)
+    out, z = dora_epilogue(yc, low, g_rows, is_dora, bias, None if yd is None else cast(yd, compute))
     return out.to(y.dtype), (z.to(y.dtype) if save_z else None)
 
 
@@ -215,10 +210,10 @@ def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int,
     ``sorted_rows`` is one product, rows in a fixed order: deterministic. Reads the segment table on the host (the
     reference path's one sync)."""
     compute = torch.promote_types(compute_dtype(u.dtype), compute_dtype(v.dtype))
-    vc = v.to(compute)
+    vc = cast(v, compute)
     if p_drop > 0.0:
         vc = vc * dropout_mask(seed, tuple(v.shape), p_drop, v.device).to(compute)
-    uc = u.to(compute)
+    uc = cast(u, compute)
     out = torch.zeros(capacity, u.shape[1], v.shape[1], device=u.device, dtype=compute)
     rows = meta.sorted_rows.long()
     for slot, (start, end) in enumerate(meta.slot_rows.tolist()):
@@ -240,11 +235,11 @@ def pool_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, slots: Sequenc
     if not slots:
         return torch.empty(0, weight.shape[0], device=weight.device, dtype=compute)
     A_stack = torch.cat([lora_A[i, :r] for i, r in zip(slots, ranks, strict=True)]).to(compute)
-    U = weight.to(compute) @ A_stack.t()  # [N, sum r]: W0 read once
+    U = cast(weight, compute) @ A_stack.t()  # [N, sum r]: W0 read once
     w0_sq = weight_norm_sq(weight)
     out, start = [], 0
     for i, s, r in zip(slots, scales, ranks, strict=True):
-        A, B = A_stack[start : start + r], lora_B[i, :, :r].to(compute)
+        A, B = A_stack[start : start + r], cast(lora_B[i, :, :r], compute)
         quad = s * s * ((B @ (A @ A.t())) * B).sum(1)
         norm_sq = w0_sq + 2 * s * (B * U[:, start : start + r]).sum(1) + quad
         out.append(fix_cancelled_rows(norm_sq, w0_sq + quad, weight, lora_A[i], lora_B[i], scale=s, rank=r))
@@ -285,17 +280,17 @@ def multi_lora_forward(
     baseline passes x's dtype, as a plain PyTorch implementation would run.
     """
     compute = compute_dtype or torch.promote_types(x.dtype, torch.float32)
-    xc = x.to(compute)
+    xc = cast(x, compute)
     slot = row_slot.long()
     has = slot >= 0
     idx = slot.clamp_min(0)
     R = lora_A.shape[1]
     # Each row gathers its adapter's [R, K] and [N, R] blocks: bytes read grow with rows, not with distinct adapters.
-    xa = torch.bmm(lora_A[idx].to(compute), xc.unsqueeze(-1)).squeeze(-1)  # [M, R]
+    xa = torch.bmm(cast(lora_A[idx], compute), xc.unsqueeze(-1)).squeeze(-1)  # [M, R]
     keep = torch.arange(R, device=x.device) < row_rank.long().unsqueeze(-1)  # rank 0 on rows without adapter
-    xa = torch.where(keep, xa * row_scale.to(compute).unsqueeze(-1), 0.0)
-    low = torch.bmm(lora_B[idx].to(compute), xa.unsqueeze(-1)).squeeze(-1)  # [M, N]
-    z = F.linear(xc, weight.to(compute)) + torch.where(has.unsqueeze(-1), low, 0.0)
+    xa = torch.where(keep, xa * cast(row_scale, compute).unsqueeze(-1), 0.0)
+    low = torch.bmm(cast(lora_B[idx], compute), xa.unsqueeze(-1)).squeeze(-1)  # [M, N]
+    z = F.linear(xc, cast(weight, compute)) + torch.where(has.unsqueeze(-1), low, 0.0)
     dora = (dora_slots.long()[idx] != 0) & has
     g = magnitude_scale[idx].to(torch.promote_types(compute, torch.float32))
     y = torch.where(dora.unsqueeze(-1), g * z, z)

@@ -20,7 +20,6 @@ was built: no ``.item()`` on a device tensor, no host copy, so serving runs insi
 
 from __future__ import annotations
 
-import math
 from types import ModuleType
 
 import torch
@@ -28,14 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import backend
-from ..._checks import check_dropout, seed_int, seed_tensor
+from ..._checks import FLOAT_DTYPES, check_dropout, seed_int, seed_tensor
 from ..lora.naive import keep_factor
-from ..lora.op import contiguous_vector
+from ..lora.op import as_rows, contiguous_vector, run_registered
 from . import naive
 from .batch import AdapterBatch
 from .naive import BatchTensors
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def implementation(name: str) -> ModuleType:
@@ -148,8 +145,7 @@ def _(weight, lora_A, lora_B, slots, scales, ranks):
     return weight.new_empty(len(slots), weight.shape[0], dtype=naive.compute_dtype(weight.dtype))
 
 
-@torch.library.custom_op("lowrank_kernels::multi_lora_fwd", mutates_args=())
-def multi_lora_fwd(
+def _multi_lora_fwd(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -201,6 +197,9 @@ def multi_lora_fwd(
     return y, xa, x.new_empty(0) if z is None else z
 
 
+multi_lora_fwd = torch.library.custom_op("lowrank_kernels::multi_lora_fwd", _multi_lora_fwd, mutates_args=())
+
+
 @multi_lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, row_rank, row_scale, sorted_rows, tiles,
       slot_rows, block_m, has_adapter, has_dora, dropout_p, seed, save_z, needs_backward):  # fmt: skip
@@ -210,8 +209,7 @@ def _(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, ro
     return x.new_empty(M, N), xa, x.new_empty(M, N) if save_z else x.new_empty(0)
 
 
-@torch.library.custom_op("lowrank_kernels::multi_lora_bwd", mutates_args=())
-def multi_lora_bwd(
+def _multi_lora_bwd(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -256,6 +254,9 @@ def multi_lora_bwd(
                                needs_dAB=needs_dAB, needs_dg=needs_dg)  # fmt: skip
 
 
+multi_lora_bwd = torch.library.custom_op("lowrank_kernels::multi_lora_bwd", _multi_lora_bwd, mutates_args=())
+
+
 @multi_lora_bwd.register_fake
 def _(grad_out, x, weight, lora_A, lora_B, magnitude_scale, dora_slots, xa, z, row_slot, row_rank, row_scale,
       sorted_rows, tiles, slot_rows, block_m, has_adapter, has_dora, dropout_p, seed, needs_dx, needs_dAB, needs_dg,
@@ -287,7 +288,8 @@ def _backward(ctx, grad_out, _grad_xa, _grad_z):
     needs = ctx.needs_input_grad  # x, weight, bias, lora_A, lora_B, magnitude_scale, ...
     if needs[5] and has_dora and z.numel() == 0 and grad_out.numel() != 0:
         raise RuntimeError("multi_lora_fwd was called with save_z=False, so the DoRA magnitudes have no gradient")
-    dx, dA, dB, dg = multi_lora_bwd(grad_out, x, weight, lora_A, lora_B, g, dora_slots, xa, z, *batch_tensors,
+    bwd = _multi_lora_bwd if getattr(ctx, "eager", False) else multi_lora_bwd  # traced: the registered op
+    dx, dA, dB, dg = bwd(grad_out, x, weight, lora_A, lora_B, g, dora_slots, xa, z, *batch_tensors,
                                     block_m, has_adapter, has_dora, dropout_p, seed, needs[0], needs[3] or needs[4],
                                     needs[5], backend_name)  # fmt: skip
     if needs[1] or needs[2]:
@@ -300,6 +302,18 @@ def _backward(ctx, grad_out, _grad_xa, _grad_z):
 multi_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerMultiLoRA(torch.autograd.Function):
+    """The registered op's forward, setup and backward without the custom-op dispatch: eager mode."""
+
+    forward = staticmethod(_multi_lora_fwd)
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Functional API: host-side checks of shapes, dtypes, devices and the batch/pool match; nothing here syncs.
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,7 +321,7 @@ multi_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def check_multi_lora_inputs(x, weight, bias, pool, batch) -> None:
     """Validate ``multi_lora_linear``'s arguments (errors name the argument)."""
-    if not isinstance(x, Tensor) or x.dtype not in _FLOAT_DTYPES:
+    if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (its last is in_features)")
@@ -360,17 +374,15 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pool, batc
     dropout = check_dropout(dropout)
     seed_t = seed_tensor(dropout, seed)
     batch.note_launch(x)
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(math.prod(lead), K)
     g = pool.magnitude_scale
-    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pool.lora_A, pool.lora_B, g))
+    differentiable = (x, pool.lora_A, pool.lora_B, g)
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
     save_z = batch.has_dora and needs_backward and g.requires_grad
-    y, _, _ = torch.ops.lowrank_kernels.multi_lora_fwd(
-        x2d, weight, bias, pool.lora_A, pool.lora_B, g, pool.dora_slots, batch.row_slot, batch.row_rank,
-        batch.row_scale, batch.sorted_rows, batch.tiles, batch.slot_rows, batch.block_m, batch.has_adapter,
-        batch.has_dora, dropout, seed_t, save_z, needs_backward,
-    )  # fmt: skip
-    return y.reshape(*lead, weight.shape[0])
+    args = (as_rows(x), weight, bias, pool.lora_A, pool.lora_B, g, pool.dora_slots, batch.row_slot, batch.row_rank,
+            batch.row_scale, batch.sorted_rows, batch.tiles, batch.slot_rows, batch.block_m, batch.has_adapter,
+            batch.has_dora, dropout, seed_t, save_z, needs_backward)  # fmt: skip
+    y, _, _ = run_registered(multi_lora_fwd, _EagerMultiLoRA, _multi_lora_fwd, args, differentiable)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def multi_lora_norm_of(weight: Tensor, lora_A: Tensor, lora_B: Tensor, slots, scales, ranks) -> Tensor:

@@ -72,7 +72,7 @@ def assert_same(actual, expected, tol=TOL):
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Counts the fused op calls the patched layers make, so a test cannot pass on peft's forward alone."""
-    calls = {"lora": 0, "dora": 0, "weight_ptrs": []}  # weight_ptrs: the storage of each call's base weight
+    calls = {"lora": 0, "dora": 0, "multi": 0, "weight_ptrs": []}  # weight_ptrs: each call's base weight storage
 
     def counting(kind, op):
         def call(*args, **kwargs):
@@ -84,6 +84,7 @@ def fused_calls(monkeypatch):
 
     monkeypatch.setattr(peft_patch, "lora_linear", counting("lora", peft_patch.lora_linear))
     monkeypatch.setattr(peft_patch, "dora_linear", counting("dora", peft_patch.dora_linear))
+    monkeypatch.setattr(peft_patch, "multi_lora_linear", counting("multi", peft_patch.multi_lora_linear))
     return calls
 
 
@@ -183,7 +184,8 @@ def test_adapter_names_mixed_batch_equals_peft(fused_calls):
     expected_tokens = model.generate(ids, adapter_names=names, max_new_tokens=3, do_sample=False)
     patch_peft_model(model)
     assert_same(logits_and_grads(model, ids, adapter_names=names), expected)
-    assert fused_calls["lora"] == 2 * NUM_LAYERS_ALL_LINEAR  # one fused call per adapter, the base rows plain
+    # one multi-adapter gather call per layer (tests/test_peft_mixed_batch.py: ranks, scales, models, fallbacks)
+    assert fused_calls["multi"] == NUM_LAYERS_ALL_LINEAR and fused_calls["lora"] == 0
     tokens = model.generate(ids, adapter_names=names, max_new_tokens=3, do_sample=False)
     assert torch.equal(tokens, expected_tokens)
     with pytest.raises(ValueError, match="Length of `adapter_names`"):  # peft's own checks still apply

@@ -5,9 +5,20 @@ Every peft LoRA / rsLoRA / DoRA layer (``peft.tuners.lora.layer.Linear``) and Ad
 ``ops.lora.op.lora_linear`` (AdaLoRA: with ``rank_scale = lora_E``) or ``ops.dora.op.dora_linear`` on peft's own
 tensors. Nothing else changes: the modules, the ``nn.Parameter`` objects (an optimizer built before the patch keeps
 training them), the state-dict keys, ``save_pretrained``, ``merge_and_unload``, ``set_adapter``,
-``disable_adapter()``, several adapters per layer (their sum, as peft) and ``adapter_names=`` mixed batches (rows
-grouped by adapter, one fused call per group). float32 adapters on a float16 / bfloat16 base (what ``get_peft_model``
-makes by default) are cast to the base dtype per call, so those numbers equal peft's to that dtype's rounding.
+``disable_adapter()`` and several adapters per layer (their sum, as peft). float32 adapters on a float16 / bfloat16
+base (what ``get_peft_model`` makes by default) are cast to the base dtype per call, so those numbers equal peft's
+to that dtype's rounding.
+
+peft's mixed batches (``model(ids, adapter_names=[...])``, ``generate(..., adapter_names=...)``: one name per sequence
+along dim 0, "__base__" for none) run on the multi-adapter gather op, ``ops.multi_lora.op.multi_lora_linear`` (the
+segmented kernels on a GPU, the torch reference on a CPU): one call per layer over the adapters the batch names,
+stacked per call from peft's parameters into the pool layout (``lora_A [n, r_max, K]``, ``lora_B [n, N, r_max]``,
+each adapter's rank and peft's ``scaling``; a few rank x K copies, differentiable, so peft's parameters get their
+gradients and an in-place update is always seen; only the row metadata, a pure function of the names, ranks and
+scales, is cached). What peft refuses in a mixed batch is refused by peft's own code, with its error: a DoRA adapter
+named in the batch, an AdaLoRA layer (peft's has no mixed-batch forward), names that do not match dim 0 (OPT's
+flattened fc1 / fc2), merged layers. Adapter dropout in training (each adapter's own, in peft), a trainable base
+weight and ``torch.compile`` tracing keep rows grouped by adapter, one fused ``lora_linear`` call per group.
 
 Whatever a call needs that the fused ops do not do is run by peft's own forward, decided per call, so a number is
 never silently different from peft's: a merged or disabled layer, extra forward arguments, autocast, inputs or
@@ -25,15 +36,21 @@ peft is an optional dependency: it is imported here only, when a model is patche
 
 from __future__ import annotations
 
+import math
 import types
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..modules.lora import is_conv1d, linear_layout
+from ..modules.pool import SlotInfo
 from ..ops.dora.op import dora_linear
 from ..ops.lora.op import lora_linear
+from ..ops.multi_lora.batch import NO_ADAPTER, AdapterBatch
+from ..ops.multi_lora.naive import adapter_scale
+from ..ops.multi_lora.op import multi_lora_linear
 
 PATCH_ATTR = "_lowrank_kernels_peft_patch"  # set on a patched layer: what unpatch needs to restore
 
@@ -193,21 +210,122 @@ def _fused_adapters(layer: nn.Module, x: Tensor, names: list[str]) -> Tensor | N
     return lora_linear(x, weight, bias, cast(A), cast(B), scale=1.0, rank_scale=cast(rank_scale))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# peft's ``adapter_names=`` mixed batch: one multi-adapter gather call over the adapters the batch names.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _StackedAdapters:
+    """What ``multi_lora_linear`` and ``AdapterBatch.build`` read of a pool (``modules.pool.AdapterPool``'s
+    duck-typed interface), holding the adapters one mixed batch names, stacked from peft's parameters for this call:
+    ``lora_A [n, r_max, K]``, ``lora_B [n, N, r_max]`` (zero past each adapter's rank). Built per call by
+    differentiable ops, so peft's parameters get their gradients and an in-place update is seen by the next call."""
+
+    untargeted: frozenset = frozenset()  # rows of adapters a layer lacks are given slot -1 before the batch is built
+    names: dict = {}
+
+    def __init__(self, lora_A: Tensor, lora_B: Tensor, slots: tuple, constants: tuple[Tensor, Tensor]) -> None:
+        self.lora_A, self.lora_B, self.slots = lora_A, lora_B, slots
+        self.capacity, self.in_features, self.out_features = len(slots), lora_A.shape[2], lora_B.shape[1]
+        self.dora_slots, self.magnitude_scale = constants  # no DoRA: peft refuses DoRA in mixed batches
+        self.signature = (self.capacity, slots, (), ())
+
+    dtype = property(lambda self: self.lora_A.dtype)
+    device = property(lambda self: self.lora_A.device)
+
+    def __contains__(self, name: object) -> bool:
+        return False
+
+
+def _slot_alpha(scale: float, rank: int) -> float:
+    """An alpha whose ``alpha / rank`` (the batch's per-row scale) is peft's ``scaling`` (which may come from rsLoRA,
+    alpha_pattern or set_scale, so it is matched, not re-derived): to the bit where one exists (always for peft's
+    ``lora_alpha / r``), else within one ulp (not every double is some double divided by 3)."""
+    guess = scale * rank
+    for alpha in (guess, math.nextafter(guess, math.inf), math.nextafter(guess, -math.inf)):
+        if adapter_scale(alpha, rank) == scale:
+            return alpha
+    return guess
+
+
+_BATCHES: OrderedDict = OrderedDict()  # (pool signature, dtype, device, ids, seq_lens) -> batch metadata
+_MAX_BATCHES = 32  # the layers of one forward share an entry; decode steps of several shapes stay cached
+
+
+def _batch_for(slots: tuple, dtype: torch.dtype, device: torch.device, ids: tuple, seq_lens: int | None, N: int):
+    """(AdapterBatch, dora_slots, magnitude_scale) for these slots and row ids, cached: metadata only (slots, ranks,
+    scales, row grouping), a pure function of the key, so it is never stale; the weights are never cached."""
+    key = (slots, dtype, device, ids, seq_lens, N)
+    hit = _BATCHES.get(key)
+    if hit is not None:
+        _BATCHES.move_to_end(key)
+        return hit
+    n = len(slots)
+    dora_slots = torch.zeros(n, dtype=torch.int32, device=device)
+    magnitude_scale = torch.ones(n, N, dtype=torch.promote_types(dtype, torch.float32), device=device)
+    shape_only = _StackedAdapters(torch.empty(n, 1, 1, dtype=dtype, device=device),
+                                  torch.empty(n, N, 1, dtype=dtype, device=device), slots,
+                                  (dora_slots, magnitude_scale))  # fmt: skip
+    hit = (AdapterBatch.build(shape_only, list(ids), seq_lens=seq_lens), dora_slots, magnitude_scale)
+    _BATCHES[key] = hit
+    if len(_BATCHES) > _MAX_BATCHES:
+        _BATCHES.popitem(last=False)
+    return hit
+
+
+def _gather_mixed_batch(layer: nn.Module, x: Tensor, adapter_names: list[str], used: list[str]) -> Tensor:
+    """One ``multi_lora_linear`` call (the gather kernel on a GPU, its torch reference on a CPU) over the adapters in
+    ``used`` (LoRA / rsLoRA, no dropout), stacked from peft's parameters per call."""
+    weight, bias = _base_weight(layer)
+    slots, As, Bs = [], [], []
+    for name in used:
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        slots.append(SlotInfo(A.shape[0], _slot_alpha(float(layer.scaling[name]), A.shape[0]), False, False))
+        As.append(A if A.dtype == x.dtype else A.to(x.dtype))  # float32 adapters on a half base: cast per call
+        Bs.append(B if B.dtype == x.dtype else B.to(x.dtype))
+    r_max = max(s.rank for s in slots)
+    lora_A = torch.stack([nn.functional.pad(A, (0, 0, 0, r_max - A.shape[0])) for A in As])
+    lora_B = torch.stack([nn.functional.pad(B, (0, r_max - B.shape[1])) for B in Bs])
+    slot_of = {name: i for i, name in enumerate(used)}
+    ids = tuple(slot_of.get(name, NO_ADAPTER) for name in adapter_names)  # "__base__", or absent here: the base
+    seq_lens = None if x.dim() == 2 else math.prod(x.shape[1:-1])  # every sequence's rows, contiguous in x
+    batch, dora_slots, magnitude_scale = _batch_for(tuple(slots), x.dtype, x.device, ids, seq_lens, weight.shape[0])
+    pool = _StackedAdapters(lora_A, lora_B, tuple(slots), (dora_slots, magnitude_scale))
+    return multi_lora_linear(x, weight, bias, pool, batch)
+
+
 def _mixed_batch(layer: nn.Module, x: Tensor, adapter_names: list[str]) -> Tensor | None:
     """peft's ``adapter_names=`` forward (row i of x, along dim 0, uses adapter ``adapter_names[i]``; "__base__" or a
-    name this layer lacks: the base alone), one fused call per adapter on its rows; None: peft's forward runs."""
+    name this layer lacks: the base alone) on one multi-adapter gather call; None: peft's forward runs (and raises
+    where peft raises: AdaLoRA's layers take no ``adapter_names``)."""
     weight, bias = _base_weight(layer)
-    if x.dtype != weight.dtype or x.device != weight.device:
+    if x.dtype != weight.dtype or x.device != weight.device or not x.is_floating_point() or x.dim() < 2:
         return None
+    if _is_adalora(layer):
+        return None  # peft's SVDLinear.forward has no mixed batch: it passes adapter_names to the base and fails
+    used = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in layer.lora_A.keys()]
+    if any(_adapter_problem(layer, n) is not None or _is_dora(layer, n) for n in used):
+        return None
+    if not used:
+        return nn.functional.linear(x, weight, bias)
+    trains_base = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if trains_base or torch.compiler.is_compiling() or any(_dropout_p(layer, n) > 0.0 for n in used):
+        # the gather op keeps W0 frozen and draws one dropout mask for every row: one fused call per adapter
+        return _mixed_batch_per_adapter(layer, x, adapter_names)
+    return _gather_mixed_batch(layer, x, adapter_names, used)
+
+
+def _mixed_batch_per_adapter(layer: nn.Module, x: Tensor, adapter_names: list[str]) -> Tensor | None:
+    """The mixed batch as rows grouped by adapter, one fused ``lora_linear`` call per group (peft's dropout per
+    adapter; gradients for a trainable base); None: peft's forward runs."""
+    weight, bias = _base_weight(layer)
     rows_of: dict[str, list[int]] = {}
     for i, name in enumerate(adapter_names):
         rows_of.setdefault(name, []).append(i)
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     for name, rows in rows_of.items():
         index = torch.tensor(rows, device=x.device)
-        if name in layer.lora_A.keys():
-            if _adapter_problem(layer, name) is not None or _is_dora(layer, name):
-                return None
+        if name != "__base__" and name in layer.lora_A.keys():
             rows_out = _fused_adapters(layer, x[index], [name])
             if rows_out is None:
                 return None

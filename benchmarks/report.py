@@ -236,17 +236,21 @@ def load_host_rows(path: Path) -> list[dict]:
 
 
 def host_table(rows: list[dict]) -> str:
-    """Host overhead per call (CPU, one thread, x [1, 64], 64 -> 64, r = 8), against nn.Linear and peft's layer."""
+    """Host overhead per call (CPU, one thread, eval, no grad) per size, against nn.Linear and the peft peer."""
     if not rows:
         return ""
-    lines = ["## Host overhead per call (CPU, one thread, eval, no grad, x [1, 64], 64 -> 64, r = 8)", "",
-             "| row | path | median µs | / nn.Linear | / peft layer |", "|---|---|---|---|---|"]  # fmt: skip
-    medians = {(r["row"], r["path"]): r["median_us"] for r in rows}
-    linear, peft = medians.get(("nn.Linear", "torch")), medians.get(("peft LoRA layer", "torch"))
-    for row in sorted(rows, key=lambda r: r["median_us"]):
-        t = row["median_us"]
-        lines.append(f"| {row['row']} | {row['path']} | {t:.1f} | {fmt(linear and t / linear)} | "
-                     f"{fmt(peft and t / peft)} |")  # fmt: skip
+    lines = ["## Host overhead per call (CPU, one thread, eval, no grad)", "",
+             "decode: x [1, 64], 64 -> 64, r = 8; prefill: x [64, 1024], 1024 -> 1024, r = 16 (float32).", "",
+             "| size | row | path | median µs | / nn.Linear | peft peer | / peer |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    medians = {(r.get("size", "decode"), r["row"], r["path"]): r["median_us"] for r in rows}
+    for row in sorted(rows, key=lambda r: (r.get("size", "decode"), r["median_us"])):
+        size, t = row.get("size", "decode"), row["median_us"]
+        linear = medians.get((size, "nn.Linear", "torch"))
+        peer = row.get("peer")
+        peer_t = medians.get((size, peer, "torch")) if peer else None
+        lines.append(f"| {size} | {row['row']} | {row['path']} | {t:.1f} | {fmt(linear and t / linear)} | "
+                     f"{peer or '—'} | {fmt(peer_t and t / peer_t)} |")  # fmt: skip
     note = ("`triton-stubbed`: the Triton backend's whole host path with each kernel launch replaced by a no-op "
             "(what a GPU call pays on top of its launches).")  # fmt: skip
     return "\n".join([*lines, "", note, ""]) + "\n"

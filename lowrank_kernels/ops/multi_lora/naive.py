@@ -135,17 +135,34 @@ def row_mask(meta: BatchTensors, R: int) -> Tensor:
     return torch.arange(R, device=meta.row_rank.device) < meta.row_rank.long().unsqueeze(-1)
 
 
+def slot_segments(meta: BatchTensors) -> list[tuple[int, Tensor]]:
+    """``(slot, rows)`` for every slot some row uses, its rows in ``sorted_rows`` order (read on the host)."""
+    rows = meta.sorted_rows.long()
+    return [(slot, rows[start:end]) for slot, (start, end) in enumerate(meta.slot_rows.tolist()) if end > start]
+
+
+def per_adapter(t: Tensor) -> bool:
+    """One product per adapter (CPU: as fast as peft's loop over adapters) rather than a gather of each row's
+    matrices: on a GPU the gather form keeps the layer free of host reads (CUDA graphs)."""
+    return t.device.type == "cpu"
+
+
 def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
     """t [M, R] = s_t drop(x[t]) a[i_t, :b_t]^T in the compute dtype; zero past b_t and on rows without adapter.
 
     x: [M, K]; a: [n, R, K] (the pool's ``lora_A``, or ``lora_B.transpose(1, 2)`` for the backward's ``dy B``),
-    any strides. Each row gathers its adapter (a gather-bmm)."""
+    any strides."""
     compute = compute_dtype(x.dtype)
     xc = cast(x, compute)
     if p_drop > 0.0:
         xc = xc * dropout_mask(seed, tuple(x.shape), p_drop, x.device).to(compute)
-    idx = meta.row_slot.long().clamp_min(0)
-    t = torch.bmm(cast(a[idx], compute), xc.unsqueeze(-1)).squeeze(-1)  # [M, R]
+    if per_adapter(xc):
+        t = xc.new_zeros(x.shape[0], a.shape[1])
+        for slot, rows in slot_segments(meta):
+            t[rows] = F.linear(xc[rows], cast(a[slot], compute))
+    else:
+        idx = meta.row_slot.long().clamp_min(0)
+        t = torch.bmm(cast(a[idx], compute), xc.unsqueeze(-1)).squeeze(-1)  # [M, R]
     return torch.where(row_mask(meta, a.shape[1]), t * cast(meta.row_scale, compute).unsqueeze(-1), 0.0)
 
 
@@ -188,8 +205,13 @@ def segment_expand(
     compute = compute_dtype(y.dtype)
     idx = meta.row_slot.long().clamp_min(0)
     has = (meta.row_slot >= 0).unsqueeze(-1)
-    low = torch.bmm(cast(u[idx], compute), cast(t, compute).unsqueeze(-1)).squeeze(-1)
-    low = torch.where(has, low, 0.0)
+    tc = cast(t, compute)
+    if per_adapter(tc):
+        low = tc.new_zeros(y.shape)
+        for slot, rows in slot_segments(meta):
+            low[rows] = F.linear(tc[rows], cast(u[slot], compute))
+    else:
+        low = torch.where(has, torch.bmm(cast(u[idx], compute), tc.unsqueeze(-1)).squeeze(-1), 0.0)
     if p_drop > 0.0:
         low = low * dropout_mask(seed, tuple(low.shape), p_drop, y.device).to(compute)
     yc = cast(y, compute)
@@ -215,11 +237,8 @@ def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int,
         vc = vc * dropout_mask(seed, tuple(v.shape), p_drop, v.device).to(compute)
     uc = cast(u, compute)
     out = torch.zeros(capacity, u.shape[1], v.shape[1], device=u.device, dtype=compute)
-    rows = meta.sorted_rows.long()
-    for slot, (start, end) in enumerate(meta.slot_rows.tolist()):
-        if end > start:
-            seg = rows[start:end]
-            out[slot] = uc[seg].t() @ vc[seg]
+    for slot, rows in slot_segments(meta):
+        out[slot] = uc[rows].t() @ vc[rows]
     return out
 
 

@@ -248,7 +248,7 @@ def _slot_alpha(scale: float, rank: int) -> float:
     return guess
 
 
-_BATCHES: OrderedDict = OrderedDict()  # (pool signature, dtype, device, ids, seq_lens) -> batch metadata
+_BATCHES: OrderedDict = OrderedDict()  # (slots, dtype, device, ids, seq_lens, N) -> (batch, dora_slots, g)
 _MAX_BATCHES = 32  # the layers of one forward share an entry; decode steps of several shapes stay cached
 
 
@@ -300,6 +300,8 @@ def _mixed_batch(layer: nn.Module, x: Tensor, adapter_names: list[str]) -> Tenso
     where peft raises: AdaLoRA's layers take no ``adapter_names``)."""
     weight, bias = _base_weight(layer)
     if x.dtype != weight.dtype or x.device != weight.device or not x.is_floating_point() or x.dim() < 2:
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
         return None
     if _is_adalora(layer):
         return None  # peft's SVDLinear.forward has no mixed batch: it passes adapter_names to the base and fails

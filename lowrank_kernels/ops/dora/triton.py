@@ -349,8 +349,8 @@ def row_norm(weight, lora_A, lora_B, weight_norm_sq, *, scale, rank) -> Tensor:
     w0sq = weight_norm_sq if weight_norm_sq is not None else norm  # unread without HAS_W0SQ
     dora_norm_kernel[(cdiv(N, block_n),)](
         weight, lora_A, lora_B, gram, w0sq, norm, N, K, rank, float(scale), float(CANCELLATION_FRACTION),
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        gram.stride(0), gram.stride(1),
+        *weight.stride(), *lora_A.stride(), *lora_B.stride(),
+        *gram.stride(),
         HAS_W0SQ=weight_norm_sq is not None, DOT_PRECISION=dot_precision(weight.dtype),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_G=32, BLOCK_K_DIRECT=32,
         num_warps=8, num_stages=stages,
@@ -369,8 +369,8 @@ def dropout_shrink(x: Tensor, lora_A: Tensor, rank: int, *, p_drop: float, seed:
     block_m, block_r = (16 if cdiv(M, 16) <= 264 else 32), rank_block(R)
     dora_dropout_shrink_kernel[(cdiv(M, block_m), cdiv(R, block_r))](
         x, lora_A, xd, xa, seed, M, K, R, rank, float(p_drop),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xd.stride(0), xd.stride(1),
-        xa.stride(0), xa.stride(1), DOT_PRECISION=dot_precision(x.dtype),
+        *x.stride(), *lora_A.stride(), *xd.stride(),
+        *xa.stride(), DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_K=64 if x.dtype == torch.float32 else 128, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
     return xd, xa
@@ -392,8 +392,8 @@ def dora_dx(dy, weight, g, t, lora_A, *, scale, rank, p_drop=0.0, seed=0) -> Ten
     g = g.float().contiguous()
     dora_dx_kernel[grid](
         dy, weight, g, t, lora_A, dx, seed, M, N, K, rank, float(scale), float(p_drop),
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
-        lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+        *dy.stride(), *weight.stride(), *t.stride(),
+        *lora_A.stride(), *dx.stride(),
         HAS_DROPOUT=dropout, DOT_PRECISION=dot_precision(dy.dtype), BLOCK_R=rank_block(rank), **tiles,
     )  # fmt: skip
     return dx
@@ -407,7 +407,7 @@ def col_dot(p: Tensor, q: Tensor) -> Tensor:
     splits, rows_per_split = row_splits(M, n_blocks, block_m)
     out = torch.empty(splits, N, device=p.device, dtype=torch.float32)
     col_dot_kernel[(n_blocks, splits)](
-        p, q, out, M, N, rows_per_split, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        p, q, out, M, N, rows_per_split, *p.stride(), *q.stride(),
+        *out.stride(), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return out.sum(0) if splits > 1 else out[0]

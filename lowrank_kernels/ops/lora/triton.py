@@ -467,9 +467,9 @@ def _launch_matmul(x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, p_dro
     lora_matmul_kernel[grid](
         x, w, bias if bias is not None else y, t, u, v if v is not None else t, a, y, num, den, xd_in, z_out, seed,
         M, N, K, rank, float(scale), float(p_drop),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1), u.stride(0), u.stride(1),
-        a.stride(0), a.stride(1), y.stride(0), y.stride(1), xd_in.stride(0), xd_in.stride(1),
-        z_out.stride(0), z_out.stride(1),
+        *x.stride(), *w.stride(), *t.stride(), *u.stride(),
+        *a.stride(), *y.stride(), *xd_in.stride(),
+        *z_out.stride(),
         HAS_BIAS=bias is not None, HAS_RANK_SCALE=v is not None, FUSE_SHRINK=fuse_shrink,
         SHRINK_DROPOUT=fuse_shrink and p_drop > 0.0, EPILOGUE_DROPOUT=epilogue_dropout,
         HAS_COL_SCALE=col_scale is not None, DROPPED_X=xd is not None, STORE_Z=z is not None,
@@ -486,7 +486,7 @@ def shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed: int = 
     grid = (cdiv(M, block_m), cdiv(R, block_r))
     lora_shrink_kernel[grid](
         x, a, t, seed, M, K, R, rank, float(p_drop),
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
+        *x.stride(), *a.stride(), *t.stride(),
         HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_K=64 if x.dtype == torch.float32 else 128, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
@@ -517,7 +517,7 @@ def lowrank_matmul(x, w, bias, t, u, v, *, scale, rank, p_drop=0.0, seed=0, epil
         tv = t if v is None else t * v.float()  # DoRA has no rank scale; kept for the interface
         lowrank_epilogue_kernel[grid](
             y, tv, u, col_scale[0], col_scale[1], bias if bias is not None else y, z if z is not None else y,
-            M, N, rank, float(scale), y.stride(0), y.stride(1), tv.stride(0), tv.stride(1), u.stride(0), u.stride(1),
+            M, N, rank, float(scale), *y.stride(), *tv.stride(), *u.stride(),
             (z if z is not None else y).stride(0), (z if z is not None else y).stride(1),
             HAS_BIAS=bias is not None, STORE_Z=save_z, DOT_PRECISION=dot_precision(y.dtype),
             BLOCK_M=64, BLOCK_N=128, BLOCK_R=rank_block(rank), num_warps=4,
@@ -556,8 +556,8 @@ def weight_grad(t, x, v, *, scale, rank_start, rank, p_drop=0.0, seed=0) -> Tens
     out = torch.empty(splits, n_ranks, K, device=x.device, dtype=torch.float32)
     lora_weight_grad_kernel[(cdiv(K, block_k), cdiv(n_ranks, block_r), splits)](
         t, x, v if v is not None else t, out, seed, M, K, rank_start, rank, rows_per_split, float(scale),
-        float(p_drop), t.stride(0), t.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        out.stride(2), HAS_RANK_SCALE=v is not None, HAS_DROPOUT=p_drop > 0.0,
+        float(p_drop), *t.stride(), *x.stride(), *out.stride(),
+        HAS_RANK_SCALE=v is not None, HAS_DROPOUT=p_drop > 0.0,
         DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
     return out.sum(0) if splits > 1 else out[0]
@@ -567,7 +567,5 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device) -> Tensor:
     """The mask (0 or 1/(1-p), float32 [M, K]) that these kernels apply for ``seed`` (for tests)."""
     M, K = shape
     out = torch.empty(M, K, device=device, dtype=torch.float32)
-    dropout_mask_kernel[(cdiv(M, 32), cdiv(K, 32))](
-        out, seed, M, K, float(p), out.stride(0), out.stride(1), BLOCK_M=32, BLOCK_K=32
-    )
+    dropout_mask_kernel[(cdiv(M, 32), cdiv(K, 32))](out, seed, M, K, float(p), *out.stride(), BLOCK_M=32, BLOCK_K=32)
     return out

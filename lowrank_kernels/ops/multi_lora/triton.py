@@ -314,7 +314,7 @@ def shrink_partials(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float =
     p, scale = _dropout_args(p_drop)
     multi_lora_shrink_kernel[(T, rank_blocks, splits)](
         x, a, t, meta.sorted_rows, meta.row_rank, meta.row_scale, meta.tiles, K, k_per_split, seed, p, scale,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), t.stride(0), t.stride(1), t.stride(2),
+        *x.stride(), a.stride(0), a.stride(1), a.stride(2), t.stride(0), t.stride(1), t.stride(2),
         HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=meta.block_m, BLOCK_K=block_k,
         BLOCK_R=block_r, num_warps=8 if meta.block_m >= 64 else 4,  # 64-row tiles spill on 4 warps (aot_check)
     )  # fmt: skip
@@ -352,7 +352,7 @@ def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None
         t, u, y, bias if bias is not None else y, g, dora_slots, yd_t, z_t, meta.sorted_rows, meta.tiles, N, t.shape[0],
         seed, p, scale, t.stride(0), t.stride(1), t.stride(2), u.stride(0), u.stride(1), u.stride(2), y.stride(0),
         y.stride(1),
-        g.stride(0), g.stride(1) if g.dim() == 2 else 0, yd_t.stride(0), yd_t.stride(1), z_t.stride(0), z_t.stride(1),
+        g.stride(0), g.stride(1) if g.dim() == 2 else 0, *yd_t.stride(), *z_t.stride(),
         HAS_BIAS=bias is not None, HAS_DORA=dora is not None, HAS_YD=yd is not None, SAVE_Z=z is not None,
         HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(y.dtype), BLOCK_M=meta.block_m, BLOCK_N=block_n,
         BLOCK_R=block_r, num_warps=8 if meta.block_m >= 64 else 4,  # 64-row tiles spill on 4 warps (aot_check)
@@ -372,7 +372,7 @@ def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int,
     p, scale = _dropout_args(p_drop)
     fp32 = u.dtype == torch.float32 or v.dtype == torch.float32
     segment_weight_grad_kernel[(capacity, cdiv(P, block_p), cdiv(Q, block_q))](
-        u, v, out, meta.sorted_rows, meta.slot_rows, P, Q, seed, p, scale, u.stride(0), u.stride(1), v.stride(0),
+        u, v, out, meta.sorted_rows, meta.slot_rows, P, Q, seed, p, scale, *u.stride(), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), out.stride(2), HAS_DROPOUT=p_drop > 0.0,
         DOT_PRECISION=dot_precision(torch.float32 if fp32 else u.dtype), BLOCK_M=32, BLOCK_P=block_p,
         BLOCK_Q=block_q, num_warps=8 if p_drop > 0.0 else 4,  # the mask's hash spills on 4 warps (aot_check)

@@ -88,19 +88,24 @@ def import_error(module: str) -> str | None:
 def availability(name: str, device: torch.device | str) -> str | None:
     """None if backend ``name`` can run on ``device`` in this process, else the reason it cannot."""
     _check_name(name, "backend")
-    device = torch.device(device)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _availability(name, device_type, interpreter_active())
+
+
+@functools.cache  # what it reads is fixed for the process (but the interpreter switch, part of the key)
+def _availability(name: str, device_type: str, interpret: bool) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
-        if device.type == "cuda":
+        if device_type == "cuda":
             if not torch.cuda.is_available():
                 return "no CUDA device is available"
-        elif not interpreter_active():
-            return f"Triton needs CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs it on the CPU)"
+        elif not interpret:
+            return f"Triton needs CUDA tensors (got {device_type}; TRITON_INTERPRET=1 runs it on the CPU)"
         err = import_error("triton")
         return None if err is None else f"Triton is not importable ({err})"
-    if device.type != "cuda":
-        return f"the CUDA extension needs CUDA tensors (got {device.type})"
+    if device_type != "cuda":
+        return f"the CUDA extension needs CUDA tensors (got {device_type})"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     err = import_error("lowrank_kernels._C")

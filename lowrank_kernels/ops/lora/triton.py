@@ -16,6 +16,7 @@ The primitives check nothing the op already checked; they allocate, pick tiles a
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -417,6 +418,7 @@ def lowrank_epilogue_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of its arguments, on every launch's host path: read, not mutated
 def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumulators: bool = False) -> dict:
     """Tiles of lora_matmul_kernel. Untuned first picks (no GPU measured yet, see docs/GPU_NOTES.md).
 
@@ -539,7 +541,8 @@ def fused_forward(x, weight, bias, lora_A, lora_B, v, *, scale, rank, p_drop, se
         return None
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     z = torch.empty(M, N, device=x.device, dtype=x.dtype) if save_z else None
-    xa = torch.zeros(M, R, device=x.device, dtype=torch.float32)  # column block 0 writes xa[:, :rank]
+    # Column block 0 writes xa[:, :rank]; ranks past an active rank below R stay zero.
+    xa = (torch.empty if rank == R else torch.zeros)(M, R, device=x.device, dtype=torch.float32)
     _launch_matmul(x, weight, bias, xa, lora_B, v, lora_A, y, scale=scale, rank=rank, fuse_shrink=True,
                    p_drop=p_drop, seed=seed, col_scale=col_scale, z=z)  # fmt: skip
     return y, xa, z

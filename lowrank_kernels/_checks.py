@@ -6,6 +6,7 @@ misread. Nothing here imports a kernel or a module above the ops.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -46,35 +47,36 @@ def check_vector(name: str, t, n: int, what: str, ref_name: str, ref: Tensor, *,
     check_like(name, t, ref_name, ref, same_dtype=same_dtype)
 
 
-def _signature(t) -> tuple | None:
-    """What the checks read of an argument: shape, dtype, device (None for None)."""
-    return None if t is None else (t.shape, t.dtype, t.device)
+def once_per_signature(check):
+    """``check``, run once per signature of its arguments and its result reused: the checks read only shapes, dtypes
+    and devices of tensors (and the other arguments' values), so a call whose arguments have the signature of one
+    that passed needs no checking again (a dict lookup instead of ~20 checks: the per-call host cost matters at
+    decode sizes). Unhashable arguments are always checked; the cache is bounded."""
+    passed: dict[tuple, object] = {}
+
+    @functools.wraps(check)
+    def checked(*args):
+        # type(a) in the key: 1, 1.0 and True are equal as dict keys but not as arguments.
+        key = tuple((a.shape, a.dtype, a.device) if isinstance(a, Tensor) else (type(a), a) for a in args)
+        try:
+            return passed[key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable: nothing to cache against
+            return check(*args)
+        result = check(*args)
+        if len(passed) > 4096:  # a long run over many shapes keeps checking, never grows without end
+            passed.clear()
+        passed[key] = result
+        return result
+
+    return checked
 
 
-_VALIDATED: set[tuple] = set()  # signatures of check_lora_inputs calls that passed: checked once, not every call
-
-
+@once_per_signature
 def check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank) -> int:
     """Validate a low-rank layer's tensors (x: [..., K], weight: [N, K], lora_A: [R, K], lora_B: [N, R], bias: [N],
-    rank_scale: [R]) and active rank; returns the active rank (R when ``rank`` is None).
-
-    The checks read only shapes, dtypes and devices, so a call whose tensors have the signature of one that passed
-    is not checked again (a set lookup instead of ~20 checks: the per-call host cost matters at decode sizes).
-    """
-    tensors = (x, weight, bias, lora_A, lora_B, rank_scale)
-    if all(t is None or isinstance(t, Tensor) for t in tensors) and (rank is None or type(rank) is int):
-        key = (*map(_signature, tensors), rank)
-        if key in _VALIDATED:
-            return lora_A.shape[0] if rank is None else int(rank)
-        b = _check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank)
-        if len(_VALIDATED) > 4096:  # bounded: a long run over many shapes keeps checking, never grows without end
-            _VALIDATED.clear()
-        _VALIDATED.add(key)
-        return b
-    return _check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank)
-
-
-def _check_lora_inputs(x, weight, bias, lora_A, lora_B, rank_scale, rank) -> int:
+    rank_scale: [R]) and active rank; returns the active rank (R when ``rank`` is None)."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (its last is in_features)")

@@ -28,9 +28,11 @@ from ..._checks import (
     check_scale,
     check_tensor,
     check_vector,
+    once_per_signature,
     seed_int,
     seed_tensor,
 )
+from ..lora.naive import cast
 from ..lora.op import as_rows, backend_for, contiguous_vector, lowrank_forward, run_registered
 from . import naive
 
@@ -296,6 +298,17 @@ def dora_weight_norm(
     return norm(weight.detach(), lora_A.detach(), lora_B.detach(), weight_norm_sq, scale, b)
 
 
+@once_per_signature
+def check_dora_inputs(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, rank) -> int:
+    """``check_lora_inputs`` and DoRA's two vectors: magnitude [N] (x's dtype), weight_norm [N] | None (any float)."""
+    b = check_lora_inputs(x, weight, bias, lora_A, lora_B, None, rank)
+    N = weight.shape[0]
+    check_vector("magnitude", magnitude, N, "out_features", "x", x)
+    if weight_norm is not None:
+        check_vector("weight_norm", weight_norm, N, "out_features", "x", x, same_dtype=False)
+    return b
+
+
 def dora_linear(
     x: Tensor,
     weight: Tensor,
@@ -322,16 +335,15 @@ def dora_linear(
     weight_norm_sq: [N] cached ``||W0_n||^2`` | None; weight_norm: [N] the row norm at (A, B, scale, rank) from
     ``dora_weight_norm`` | None (computed here). Both are constants to autograd. Returns [..., N].
     """
-    b = check_lora_inputs(x, weight, bias, lora_A, lora_B, None, rank)
+    b = check_dora_inputs(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, rank)
     N = weight.shape[0]
-    check_vector("magnitude", magnitude, N, "out_features", "x", x)
     scale, dropout = check_scale(scale), check_dropout(dropout)
     seed_t = seed_tensor(dropout, seed)
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scale=scale, rank=b, weight_norm_sq=weight_norm_sq)
     else:
-        check_vector("weight_norm", weight_norm, N, "out_features", "x", x, same_dtype=False)
-        weight_norm = weight_norm.detach().to(naive.compute_dtype(x.dtype))
+        weight_norm = cast(weight_norm.detach() if weight_norm.requires_grad else weight_norm,
+                           naive.compute_dtype(x.dtype))  # fmt: skip
     save_z = torch.is_grad_enabled() and magnitude.requires_grad
     lo = b - 1 if frozen else 0  # the first rank that trains
     args = (as_rows(x), weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, b, lo, dropout, seed_t, save_z)

@@ -111,6 +111,18 @@ class Spec:
     launches: list = field(default_factory=list)  # [(case id, (grid x, y, z))]
     key: tuple = ()  # the recorder's dedup key (what Triton compiles), for the results cache
 
+    def __getstate__(self) -> dict:
+        """Picklable (the enumeration cache): the kernel by module and name, looked up again on loading."""
+        state = dict(self.__dict__)
+        state["kernel"] = (self.kernel.fn.__module__, self.kernel.fn.__name__)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import importlib
+
+        module, name = state["kernel"]
+        self.__dict__.update(state, kernel=getattr(importlib.import_module(module), name))
+
     @property
     def dtype(self) -> str:
         """fp16 / bf16 when any pointer argument holds them (x, W, the adapters; t and outputs may be float32),
@@ -405,6 +417,37 @@ def enumerate_launches(subset: bool = True, cases=None, case_filter: str | None 
     return recorder
 
 
+def _enumeration_key(subset: bool, case_filter: str | None) -> str:
+    """What an enumeration depends on: the package's and this script's sources, the registry's arguments, the
+    Triton and torch versions (Triton's specialisation rules)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(repr((subset, case_filter, triton.__version__, torch.__version__)).encode())
+    for path in sorted((root / "lowrank_kernels").rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    script = Path(__file__).read_text()
+    digest.update(script[: script.index("\n# 2. Compile and read the cubin")].encode())  # the enumeration's part
+    return digest.hexdigest()
+
+
+def enumerate_cached(subset: bool, case_filter: str | None, cache: str | None) -> tuple[list[Spec], int]:
+    """(distinct specs, launch count), from ``cache`` (a pickle) when it was written for the same sources,
+    arguments and versions (``_enumeration_key``), else enumerated and written there."""
+    import pickle
+
+    key = _enumeration_key(subset, case_filter)
+    if cache and Path(cache).exists():
+        with contextlib.suppress(Exception), open(cache, "rb") as f:
+            stored_key, specs, count = pickle.load(f)
+            if stored_key == key:
+                return specs, count
+    recorder = enumerate_launches(subset, case_filter=case_filter)
+    specs = distinct_specs(recorder)
+    if cache:
+        with open(cache, "wb") as f:
+            pickle.dump((key, specs, recorder.launch_count), f, protocol=pickle.HIGHEST_PROTOCOL)
+    return specs, recorder.launch_count
+
+
 def distinct_specs(recorder: LaunchRecorder) -> list[Spec]:
     return sorted(recorder.specs.values(), key=lambda s: (s.name, s.dtype, s.config))
 
@@ -532,9 +575,20 @@ def _load_results(path: str | None) -> dict[str, dict]:
 
 def compile_order(specs: list[Spec]) -> list[int]:
     """Spec indices, what the rules fail on first: the subset's representatives, then every other 16-bit
-    specialisation, then float32 (reported only; its spilling tiles keep ptxas busy longest)."""
+    specialisation, then float32 (reported only; its spilling tiles keep ptxas busy longest). Past the
+    representatives the coarse classes take turns, each heaviest first (``Spec.weight``): a sweep stopped by its
+    time limit has looked at every class about equally, and at the likeliest spills of each first."""
     first = {id(s) for s in coarse_subset(specs)}
-    return sorted(range(len(specs)), key=lambda i: (id(specs[i]) not in first, specs[i].dtype not in SIXTEEN_BIT, i))
+    order = [i for i in range(len(specs)) if id(specs[i]) in first]
+    for sixteen in (True, False):
+        classes: dict[tuple, list[int]] = {}
+        for i, spec in enumerate(specs):
+            if id(spec) not in first and (spec.dtype in SIXTEEN_BIT) == sixteen:
+                classes.setdefault(spec.coarse_class, []).append(i)
+        turns = [sorted(v, key=lambda i: specs[i].weight, reverse=True) for _, v in sorted(classes.items(), key=repr)]
+        for rank in range(max(map(len, turns), default=0)):
+            order += [queue[rank] for queue in turns if rank < len(queue)]
+    return order
 
 
 def compile_all(specs: list[Spec], archs=ARCHS, workers: int | None = None, results_file: str | None = None,
@@ -722,18 +776,18 @@ def summarise(chosen: list[Spec], results: dict, archs, failures: list[str], sec
 
 def check(subset: bool = True, archs=ARCHS, workers: int | None = None, out: str | None = None,
           cases: str | None = None, only: str | None = None, results_file: str | None = None,
-          time_limit: float | None = None) -> int:  # fmt: skip
+          time_limit: float | None = None, enumeration_cache: str | None = None) -> int:  # fmt: skip
     """Enumerate, compile, report; 0 when every rule holds, 1 otherwise. ``cases`` / ``only``: regular expressions
     on the case ids / on ``"kernel dtype config"`` of the specialisations (to look at a few). ``results_file`` /
-    ``time_limit``: see ``compile_all``; a sweep cut short by its time limit also exits 1 (it checked less)."""
+    ``time_limit``: see ``compile_all``; a sweep cut short by its time limit also exits 1 (it checked less).
+    ``enumeration_cache``: see ``enumerate_cached``."""
     start = time.perf_counter()
-    recorder = enumerate_launches(subset, case_filter=cases)
-    specs = distinct_specs(recorder)
+    specs, launch_count = enumerate_cached(subset, cases, enumeration_cache)
     chosen = coarse_subset(specs) if subset else specs
     if only:
         chosen = [s for s in chosen if re.search(only, f"{s.name} {s.dtype} {s.config}")]
     enumerated = time.perf_counter() - start
-    print(f"triton {triton.__version__}, torch {torch.__version__}: {recorder.launch_count} launches, "
+    print(f"triton {triton.__version__}, torch {torch.__version__}: {launch_count} launches, "
           f"{len(specs)} distinct specialisations, {len(chosen)} to compile for "
           f"{', '.join(f'sm_{a}' for a in archs)} ({'subset' if subset else 'full sweep'}; "
           f"enumerated in {enumerated:.1f} s)", flush=True)  # fmt: skip
@@ -773,10 +827,12 @@ def main(argv=None) -> int:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds (from the start) after which no new compile starts; the report says what is "
                              "missing")  # fmt: skip
+    parser.add_argument("--enumeration-cache", default=None,
+                        help="pickle of the enumeration, reused while sources and versions are the same")  # fmt: skip
     args = parser.parse_args(argv)
     return check(subset=args.subset, archs=tuple(args.arch or ARCHS), workers=args.workers, out=args.out,
                  cases=args.cases, only=args.only, results_file=args.results,
-                 time_limit=args.time_limit)  # fmt: skip
+                 time_limit=args.time_limit, enumeration_cache=args.enumeration_cache)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -187,3 +187,12 @@ def test_results_cache_resumes_a_sweep_and_the_time_limit_stops_it(tmp_path, mon
     assert all(f"| {s.name} |" in aot_check.kernel_table(few, full) for s in few)
     partial = {k: v for k, v in full.items() if k[0] != 0}
     assert "compiled 4 of 6" in aot_check.summarise(few, partial, aot_check.ARCHS, [], 1.0)
+
+
+def test_enumeration_cache_round_trips_and_knows_its_sources(tmp_path):
+    cache, cases = str(tmp_path / "enum.pickle"), r"^lora 4096x4096 M1 r16 b16 bf16 plain"
+    specs, count = aot_check.enumerate_cached(True, cases, cache)
+    again, count_again = aot_check.enumerate_cached(True, cases, cache)
+    assert count_again == count and [s.key for s in again] == [s.key for s in specs]
+    assert all(b.kernel is a.kernel for a, b in zip(specs, again, strict=True))  # the kernels looked up again
+    assert aot_check._enumeration_key(True, cases) != aot_check._enumeration_key(True, cases + " gemm=auto")

@@ -252,17 +252,18 @@ class DoRALinear4bit(Quantized4bitBase, DoRALinear):
         inference = not self.training and not torch.is_grad_enabled()
         norm = self._cached_weight_norm(xa.dtype) if inference else self._weight_norm(xa.dtype)
         g = (m.to(xa.dtype) / norm).view(1, -1)
-        dropout = self.lora_dropout if self.training else 0.0
+        dropout, seed = self.lora_dropout if self.training else 0.0, None
         if dropout > 0.0:  # peft: the base term of drop(x) is recomputed, without the bias
             lead, K = xa.shape[:-1], xa.shape[-1]
             seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
             mask = dropout_mask(seed, (math.prod(lead), K), dropout, x.device).to(xa.dtype)
-            xa = (xa.reshape(-1, K) * mask).reshape(*lead, K)
-            base = self._base_product(xa).to(xa.dtype)
+            base = self._base_product((xa.reshape(-1, K) * mask).reshape(*lead, K)).to(xa.dtype)
         else:
             base = y.to(xa.dtype) if self.bias is None else y.to(xa.dtype) - self.bias.to(xa.dtype)
-        lora = lowrank_term(xa, A, B, scale=1.0, rank=self._active_rank, frozen=self._frozen)
-        return y + ((g - 1) * base + g * lora * self.scaling).to(y.dtype)
+        # The adapter term on the fused primitives, its dropout (the same seed, so the same mask) fused in.
+        lora = lowrank_term(xa, A, B, scale=self.scaling, rank=self._active_rank, dropout=dropout,
+                            frozen=self._frozen, seed=seed)  # fmt: skip
+        return y + ((g - 1) * base + g * lora).to(y.dtype)
 
     def _base_product(self, x: Tensor) -> Tensor:
         """bitsandbytes' dequantising product ``x W0^T`` without the bias, in the layer's compute dtype."""

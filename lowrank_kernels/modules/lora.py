@@ -8,8 +8,9 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from ..ops.lora.delta import lora_delta
 from ..ops.lora.naive import cast
-from ..ops.lora.op import dropout_mask, lora_linear
+from ..ops.lora.op import lora_linear
 from .merge import DeltaMerge
 
 
@@ -55,22 +56,23 @@ def is_linear4bit(layer: nn.Module) -> bool:
 
 
 def lowrank_term(
-    x: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: float, rank: int, dropout: float = 0.0, frozen: bool = False
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    *,
+    scale: float,
+    rank: int,
+    dropout: float = 0.0,
+    frozen: bool = False,
+    y_base: Tensor | None = None,
+    seed: int | None = None,
 ) -> Tensor:
-    """The adapter term alone, ``scale * (drop(x) A[:rank]^T) B[:, :rank]^T`` [..., out], for a base whose product is
-    not ours (a bitsandbytes 4-bit layer): two thin GEMMs, autograd for the backward. x: [..., in], lora_A [r, in],
-    lora_B [out, r]; dropout: the same seeded mask as the fused op (``dropout_mask``); frozen: DyLoRA's, only rank
-    ``rank - 1`` gets gradient."""
-    A, B = lora_A[:rank], lora_B[:, :rank]
-    if frozen and rank > 1:  # the lower ranks are constants, as in the fused op
-        A = torch.cat([A[: rank - 1].detach(), A[rank - 1 :]])
-        B = torch.cat([B[:, : rank - 1].detach(), B[:, rank - 1 :]], dim=1)
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(math.prod(lead), K)
-    if dropout > 0.0:
-        seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-        x2d = x2d * dropout_mask(seed, tuple(x2d.shape), dropout, x.device).to(x.dtype)
-    return (scale * ((x2d @ A.t()) @ B.t())).reshape(*lead, B.shape[0])
+    """``y_base + scale * (drop(x) A[:rank]^T) B[:, :rank]^T`` [..., out] (the adapter term alone without ``y_base``)
+    for a base whose product is not ours (a bitsandbytes 4-bit layer), on the fused primitives (``lora_delta``).
+    x: [..., in], lora_A [r, in], lora_B [out, r], y_base [..., out] of x's dtype; dropout: the fused op's seeded mask
+    (``dropout_mask``; ``seed`` drawn from torch's generator when None); frozen: DyLoRA's, only rank ``rank - 1``
+    gets gradient."""
+    return lora_delta(y_base, x, lora_A, lora_B, scale=scale, rank=rank, dropout=dropout, frozen=frozen, seed=seed)
 
 
 def peft_alias(name: str, value, peft_name: str, peft_value, default):
@@ -291,6 +293,7 @@ class LoRALinear4bit(Quantized4bitBase, LoRALinear):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
         A, B = self.lora_A.weight, self.lora_B.weight
-        delta = lowrank_term(x.to(A.dtype), A, B, scale=self.scaling, rank=self._active_rank,
-                             dropout=self.lora_dropout if self.training else 0.0, frozen=self._frozen)  # fmt: skip
-        return y + delta.to(y.dtype)
+        out = lowrank_term(cast(x, A.dtype), A, B, scale=self.scaling, rank=self._active_rank,
+                           dropout=self.lora_dropout if self.training else 0.0, frozen=self._frozen,
+                           y_base=cast(y, A.dtype))  # fmt: skip
+        return cast(out, y.dtype)

@@ -1,0 +1,279 @@
+"""The LoRA adapter term over a base product that is not ours: ``y_base + s * ((drop(x) A[:b]^T) * v[:b]) B[:, :b]^T``.
+
+For a base layer whose product some other library computes (QLoRA: bitsandbytes' dequantising 4-bit matmul,
+``modules/lora.py``'s ``LoRALinear4bit`` and ``modules/dora.py``'s ``DoRALinear4bit``), the base output ``y_base``
+comes in and the adapter term is added to it on the package's fused primitives (``shrink`` with its dropout,
+``lowrank_matmul``, ``weight_grad``: contracts in ``naive.py``), as ``op.py`` does for ``lora_linear``:
+
+1. ``lora_delta`` checks every argument and calls the registered op (``run_registered``: eager calls skip the
+   custom-op dispatch);
+2. ``lowrank_kernels::lora_delta_fwd`` / ``lora_delta_bwd`` (custom ops with fake implementations, tied by
+   ``register_autograd``) pick a backend (``op.backend_for``, ``op.implementation``) and run
+3. ``delta_forward`` / ``delta_backward`` below, the one orchestration over the backend's primitives.
+
+Forward: ``xa = drop(x) A[:b]^T`` (the shrink, dropout fused), then one ``addmm`` onto ``y_base`` (the same
+rank-b product as the Triton backend's cuBLAS strategy). Backward, with ``dyb = dy B[:, :b]``::
+
+    d y_base    = dy                                   (unchanged: y_base enters as a sum)
+    dx          = s * drop'((dyb * v) A[:b])           the low-rank GEMM over an empty (K = 0) base product,
+                                                       its epilogue applying x's dropout mask
+    dA[:b]      = s * (dyb * v)^T drop(x)              dropout fused into weight_grad's x
+    dB[:, :b]   = s * dy^T (xa * v)
+    dv[:b]      = s * sum_m xa * dyb
+
+over ranks ``[grad_rank_start, b)`` for A, B and v (DyLoRA's frozen mode: only ``b - 1``), zero elsewhere.
+``y_base=None`` returns the term alone (DoRA's 4-bit layer scales it by its per-column ``g`` before adding).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ... import backend
+from ..._checks import (
+    check_dropout,
+    check_like,
+    check_rank,
+    check_scale,
+    check_tensor,
+    check_vector,
+    once_per_signature,
+    seed_int,
+    seed_tensor,
+)
+from . import naive
+from .op import as_rows, backend_for, contiguous_vector, implementation, run_registered
+
+# ---------------------------------------------------------------------------------------------------------------
+# The orchestration: forward and backward, once, over a backend's primitives.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def scaled_rows(xa: Tensor, rank_scale: Tensor | None, scale: float, rank: int, dtype: torch.dtype) -> Tensor:
+    """``scale * (xa * v)[:, :rank]`` in ``dtype``: the left factor of the rank-b addmm (as Triton's cuBLAS path)."""
+    t = xa[:, :rank] * scale
+    if rank_scale is not None:
+        t = t * naive.cast(rank_scale[:rank], t.dtype)
+    return naive.cast(t, dtype)
+
+
+def delta_forward(impl, y_base, x, lora_A, lora_B, rank_scale, *, scale, rank, p_drop,
+                  seed) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """x: [M, K], y_base: [M, N] | None -> (y [M, N] in x's dtype, xa [M, R] = drop(x) A[:rank]^T in the compute
+    dtype, zero past rank). ``y = y_base + scale * (xa * v)[:, :rank] B[:, :rank]^T`` (without y_base: the term)."""
+    xa = impl.shrink(x, lora_A, rank, p_drop=p_drop, seed=seed)
+    left, up = scaled_rows(xa, rank_scale, scale, rank, x.dtype), lora_B[:, :rank].t()
+    y = torch.mm(left, up) if y_base is None else torch.addmm(y_base, left, up)
+    return y, xa
+
+
+def delta_backward(impl, dy, x, lora_A, lora_B, rank_scale, xa, *, scale, rank, grad_rank_start, p_drop, seed,
+                   needs_dx, needs_dAB) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """(dx [M, K], dA [R, K], dB [N, R], dv [R] | None) of the adapter term; dx (dA, dB) is an empty [0] tensor unless
+    needed. ``dx = s drop'((dyb * v) A)``: ``lowrank_matmul`` over an empty base (dy's first 0 columns times a [K, 0]
+    weight: zeros, no reduction) with A^T as the "up" matrix and x's mask in the epilogue. The weight gradients are
+    ``op.lora_backward``'s."""
+    lo = grad_rank_start
+    dyb = impl.shrink(dy, lora_B.t(), rank)
+    dx = x.new_empty(0)
+    if needs_dx:
+        no_base, no_weight = dy[:, :0], lora_A.new_empty(lora_A.shape[1], 0)
+        dx, _ = impl.lowrank_matmul(no_base, no_weight, None, dyb, lora_A.t(), rank_scale, scale=scale, rank=rank,
+                                    p_drop=p_drop, seed=seed, epilogue_dropout=p_drop > 0.0)  # fmt: skip
+    dA, dB = x.new_empty(0), x.new_empty(0)  # distinct tensors: custom-op outputs may not alias
+    if needs_dAB:
+        dA = lora_A.new_zeros(lora_A.shape)
+        dB = lora_B.new_zeros(lora_B.shape)
+        if lo < rank:
+            grad = dict(scale=scale, rank_start=lo, rank=rank)
+            dA[lo:rank] = impl.weight_grad(dyb, x, rank_scale, p_drop=p_drop, seed=seed, **grad)
+            dB[:, lo:rank] = impl.weight_grad(xa, dy, rank_scale, **grad).t()
+    dv = None
+    if rank_scale is not None:
+        dv = rank_scale.new_zeros(rank_scale.shape)
+        dv[lo:rank] = scale * (xa[:, lo:rank] * dyb[:, lo:rank]).sum(0)
+    return dx, dA, dB, dv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration: custom ops with fake implementations and autograd.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _lora_delta_fwd(
+    y_base: Tensor | None,
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    rank_scale: Tensor | None,
+    scale: float,
+    rank: int,
+    grad_rank_start: int,
+    dropout_p: float,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """x: [M, K], y_base: [M, N] | None -> (y [M, N], xa [M, R] float32, float64 for float64 x).
+
+    ``grad_rank_start`` is the backward's; ``seed`` a CPU int64 scalar tensor (None without dropout).
+    """
+    rank_scale = contiguous_vector(rank_scale)
+    impl = implementation(backend_for("lora_delta_fwd", x, lora_B, lora_A, y_base, rank_scale))
+    return delta_forward(impl, y_base, x, lora_A, lora_B, rank_scale, scale=scale, rank=rank, p_drop=dropout_p,
+                         seed=seed_int(seed))  # fmt: skip
+
+
+lora_delta_fwd = torch.library.custom_op("lowrank_kernels::lora_delta_fwd", _lora_delta_fwd, mutates_args=())
+
+
+@lora_delta_fwd.register_fake
+def _(y_base, x, lora_A, lora_B, rank_scale, scale, rank, grad_rank_start, dropout_p, seed):
+    xa_dtype = naive.compute_dtype(x.dtype)
+    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=xa_dtype)
+
+
+def _lora_delta_bwd(
+    grad_out: Tensor,
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    rank_scale: Tensor | None,
+    xa: Tensor,
+    scale: float,
+    rank: int,
+    grad_rank_start: int,
+    dropout_p: float,
+    seed: Tensor | None,
+    needs_dx: bool,
+    needs_dAB: bool,
+    backend_name: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dv); dx (dA, dB) is empty [0] unless needs_dx (needs_dAB); dv empty without v.
+
+    ``backend_name``: the backend the forward was asked to use ("" for the automatic choice), as ``op.lora_bwd``.
+    """
+    rank_scale = contiguous_vector(rank_scale)
+    with backend.use_backend(backend_name or None):
+        impl = implementation(backend_for("lora_delta_bwd", x, lora_B, grad_out, lora_A, rank_scale))
+    dx, dA, dB, dv = delta_backward(impl, grad_out, x, lora_A, lora_B, rank_scale, xa, scale=scale, rank=rank,
+                                    grad_rank_start=grad_rank_start, p_drop=dropout_p, seed=seed_int(seed),
+                                    needs_dx=needs_dx, needs_dAB=needs_dAB)  # fmt: skip
+    return dx, dA, dB, x.new_empty(0) if dv is None else dv
+
+
+lora_delta_bwd = torch.library.custom_op("lowrank_kernels::lora_delta_bwd", _lora_delta_bwd, mutates_args=())
+
+
+@lora_delta_bwd.register_fake
+def _(grad_out, x, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed, needs_dx, needs_dAB,
+      backend_name):  # fmt: skip
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    dA = torch.empty_like(lora_A) if needs_dAB else x.new_empty(0)
+    dB = torch.empty_like(lora_B) if needs_dAB else x.new_empty(0)
+    dv = x.new_empty(0) if rank_scale is None else torch.empty_like(rank_scale)
+    return dx, dA, dB, dv
+
+
+def _setup_context(ctx, inputs, output):
+    y_base, x, lora_A, lora_B, rank_scale, scale, rank, grad_rank_start, dropout_p, seed = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, rank_scale, output[1], seed)
+    ctx.args = (scale, rank, grad_rank_start, dropout_p, backend.requested_backend() or "")
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_xa):
+    x, lora_A, lora_B, rank_scale, xa, seed = ctx.saved_tensors
+    scale, rank, grad_rank_start, dropout_p, backend_name = ctx.args
+    needs = ctx.needs_input_grad  # y_base, x, lora_A, lora_B, rank_scale, ...
+    d_base = grad_out if needs[0] else None  # y_base enters as a plain sum
+    if not any(needs[1:5]):
+        return d_base, None, None, None, None, None, None, None, None, None
+    bwd = _lora_delta_bwd if getattr(ctx, "eager", False) else lora_delta_bwd  # traced: the registered op
+    dx, dA, dB, dv = bwd(grad_out, x, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed,
+                         needs[1], needs[2] or needs[3] or needs[4], backend_name)  # fmt: skip
+    return (d_base, dx if needs[1] else None, dA if needs[2] else None, dB if needs[3] else None,
+            dv if needs[4] else None, None, None, None, None, None)  # fmt: skip
+
+
+lora_delta_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoRADelta(torch.autograd.Function):
+    """The same forward, setup and backward as the registered op, without the custom-op dispatch: eager mode
+    (``op.run_registered``)."""
+
+    forward = staticmethod(_lora_delta_fwd)
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Functional API: checks first, so no backend ever sees a shape, dtype, device or rank it could misread.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@once_per_signature
+def check_lora_delta_inputs(y_base, x, lora_A, lora_B, rank_scale, rank) -> int:
+    """Validate the adapter term's tensors (x: [..., K], lora_A: [R, K], lora_B: [N, R], y_base: [..., N] with x's
+    leading shape | None, rank_scale: [R] | None) and active rank; returns the active rank (R when ``rank`` is None)."""
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (its last is in_features)")
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    R, K = lora_A.shape
+    N = lora_B.shape[0]
+    if x.shape[-1] != K:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal lora_A's in_features ({K})")
+    if lora_B.shape[1] != R:
+        raise ValueError(f"lora_B must be [out_features, r] = [{N}, {R}] (r: lora_A's rows), got {tuple(lora_B.shape)}")
+    if R < 1:
+        raise ValueError("lora_A must have at least one rank (row)")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        check_like(name, t, "x", x)
+    if y_base is not None:
+        check_tensor("y_base", y_base)
+        expected = (*x.shape[:-1], N)
+        if tuple(y_base.shape) != expected:
+            raise ValueError(f"y_base must be [*x.shape[:-1], out_features] = {list(expected)} (x's leading shape, "
+                             f"lora_B's out_features), got {list(y_base.shape)}")  # fmt: skip
+        check_like("y_base", y_base, "x", x)
+    if rank_scale is not None:
+        check_vector("rank_scale", rank_scale, R, "r", "x", x)
+    return check_rank(rank, R)
+
+
+def lora_delta(
+    y_base: Tensor | None,
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    *,
+    scale: float,
+    rank: int | None = None,
+    rank_scale: Tensor | None = None,
+    dropout: float = 0.0,
+    frozen: bool = False,
+    seed: int | None = None,
+) -> Tensor:
+    """``y_base + scale * ((drop(x) A[:rank]^T) * rank_scale[:rank]) B[:, :rank]^T`` on the fused primitives.
+
+    y_base: [..., N], the base layer's output for x (its product is someone else's: bitsandbytes' 4-bit matmul),
+    of x's dtype and device; None: the adapter term alone. x: [..., K]; lora_A: [R, K]; lora_B: [N, R];
+    rank: active rank b in [1, R] (default R); rank_scale: [R] | None; dropout: on the adapter input only, the
+    mask of ``lora_linear`` for the same ``seed`` (``op.dropout_mask``; default: drawn from torch's generator);
+    frozen: DyLoRA frozen mode, only rank ``rank - 1`` of A and B (and rank_scale) gets gradient. Gradients reach x,
+    lora_A, lora_B, rank_scale, and y_base (``dy``, unchanged). Returns [..., N]; any layout of any argument.
+    """
+    b = check_lora_delta_inputs(y_base, x, lora_A, lora_B, rank_scale, rank)
+    scale, dropout = check_scale(scale), check_dropout(dropout)
+    seed_t = seed_tensor(dropout, seed)
+    base2d = None if y_base is None else as_rows(y_base)
+    args = (base2d, as_rows(x), lora_A, lora_B, rank_scale, scale, b, b - 1 if frozen else 0, dropout, seed_t)
+    y, _ = run_registered(lora_delta_fwd, _EagerLoRADelta, _lora_delta_fwd, args, (y_base, x, lora_A, lora_B,
+                                                                                     rank_scale))  # fmt: skip
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], lora_B.shape[0])

@@ -148,4 +148,4 @@ def seed_tensor(dropout: float, seed: int | None) -> Tensor | None:
 
 def seed_int(seed: Tensor | None) -> int:
     """The int a kernel takes (0 without dropout): ``seed`` is a CPU tensor, so no device sync."""
-    return 0 if seed is None else int(seed.item())
+    return 0 if seed is None else seed.item()  # no int(): traced (a triton_op's body), .item() is a graph node

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 # Hopper allows 227 KB of shared memory per block (A100: 163 KB); leave room for the epilogue's layout conversions.
 SHARED_MEMORY_BUDGET = 160 * 1024
@@ -53,6 +54,19 @@ def grouped_program(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COL
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+def traceable(kernel):
+    """``kernel`` as a launch ``torch.compile`` sees and schedules (``wrap_triton``) while compiling; as it is in eager
+    mode (the wrapper's dispatch costs ~100 us a call) and under the interpreter (its kernels cannot be traced)."""
+    if torch.compiler.is_compiling() and isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def kernels_compiled() -> bool:
+    """The kernels are compiled ``JITFunction``s, not ``TRITON_INTERPRET=1``'s interpreted functions."""
+    return isinstance(fmix32, JITFunction)
 
 
 def cdiv(a: int, b: int) -> int:

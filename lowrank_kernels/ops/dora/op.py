@@ -33,7 +33,7 @@ from ..._checks import (
     seed_tensor,
 )
 from ..lora.naive import cast
-from ..lora.op import as_rows, backend_for, contiguous_vector, lowrank_forward, run_registered
+from ..lora.op import as_rows, backend_for, contiguous_vector, lowrank_forward, register_op, run_registered
 from . import naive
 
 
@@ -110,16 +110,19 @@ def _dora_norm(
     ``weight_norm_sq``: [N] ``||W0_n||^2`` in that dtype (a cache; None: computed in the same pass over W0).
     """
     weight_norm_sq = contiguous_vector(weight_norm_sq)
-    impl = implementation(backend_for("dora_norm", weight, weight, lora_A, lora_B))
+    impl = implementation(_dora_norm_backend(weight, lora_A, lora_B))
     return impl.row_norm(weight, lora_A, lora_B, weight_norm_sq, scale=scale, rank=rank)
 
 
-dora_norm = torch.library.custom_op("lowrank_kernels::dora_norm", _dora_norm, mutates_args=())
+def _dora_norm_backend(weight, lora_A, lora_B, *_) -> str:
+    return backend_for("dora_norm", weight, weight, lora_A, lora_B)
 
 
-@dora_norm.register_fake
-def _(weight, lora_A, lora_B, weight_norm_sq, scale, rank):
+def _dora_norm_fake(weight, lora_A, lora_B, weight_norm_sq, scale, rank):
     return weight.new_empty(weight.shape[0], dtype=naive.compute_dtype(weight.dtype))
+
+
+dora_norm = register_op("dora_norm", _dora_norm, _dora_norm_fake, _dora_norm_backend)
 
 
 def _dora_fwd(
@@ -143,21 +146,24 @@ def _dora_fwd(
     ``seed`` is a CPU int64 scalar tensor (None without dropout): a tensor, so torch.compile traces its draw.
     """
     bias, magnitude, weight_norm = map(contiguous_vector, (bias, magnitude, weight_norm))
-    impl = implementation(backend_for("dora_fwd", x, weight, bias, lora_A, lora_B, magnitude))
+    impl = implementation(_dora_fwd_backend(x, weight, bias, lora_A, lora_B, magnitude))
     y, xa, z = dora_forward(impl, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale=scale, rank=rank,
                             p_drop=dropout_p, seed=seed_int(seed), save_z=save_z)  # fmt: skip
     return y, xa, x.new_empty(0) if z is None else z
 
 
-dora_fwd = torch.library.custom_op("lowrank_kernels::dora_fwd", _dora_fwd, mutates_args=())
+def _dora_fwd_backend(x, weight, bias, lora_A, lora_B, magnitude, *_) -> str:
+    return backend_for("dora_fwd", x, weight, bias, lora_A, lora_B, magnitude)
 
 
-@dora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, rank, grad_rank_start, dropout_p, seed,
-      save_z):  # fmt: skip
+def _dora_fwd_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scale, rank, grad_rank_start, dropout_p,
+                   seed, save_z):  # fmt: skip
     M, N = x.shape[0], weight.shape[0]
     xa = x.new_empty(M, lora_A.shape[0], dtype=naive.compute_dtype(x.dtype))
     return x.new_empty(M, N), xa, x.new_empty(M, N) if save_z else x.new_empty(0)
+
+
+dora_fwd = register_op("dora_fwd", _dora_fwd, _dora_fwd_fake, _dora_fwd_backend)
 
 
 def _dora_bwd(
@@ -186,24 +192,27 @@ def _dora_bwd(
     backward on its own thread, where the forward's ``use_backend`` context is not visible, so it travels here.
     """
     magnitude, weight_norm = contiguous_vector(magnitude), contiguous_vector(weight_norm)
-    with backend.use_backend(backend_name or None):
-        impl = implementation(backend_for("dora_bwd", x, weight, grad_out, lora_A, lora_B, magnitude))
+    impl = implementation(_dora_bwd_backend(grad_out, x, weight, lora_A, lora_B, magnitude, backend_name))
     return dora_backward(impl, grad_out, x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, scale=scale,
                          rank=rank, grad_rank_start=grad_rank_start, p_drop=dropout_p, seed=seed_int(seed),
                          needs_dx=needs_dx, needs_dAB=needs_dAB, needs_dm=needs_dm)  # fmt: skip
 
 
-dora_bwd = torch.library.custom_op("lowrank_kernels::dora_bwd", _dora_bwd, mutates_args=())
+def _dora_bwd_backend(grad_out, x, weight, lora_A, lora_B, magnitude, *args) -> str:
+    with backend.use_backend(args[-1] or None):  # backend_name
+        return backend_for("dora_bwd", x, weight, grad_out, lora_A, lora_B, magnitude)
 
 
-@dora_bwd.register_fake
-def _(grad_out, x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, scale, rank, grad_rank_start, dropout_p,
-      seed, needs_dx, needs_dAB, needs_dm, backend_name):  # fmt: skip
+def _dora_bwd_fake(grad_out, x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, scale, rank, grad_rank_start,
+                   dropout_p, seed, needs_dx, needs_dAB, needs_dm, backend_name):  # fmt: skip
     dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
     dA = torch.empty_like(lora_A) if needs_dAB else x.new_empty(0)
     dB = torch.empty_like(lora_B) if needs_dAB else x.new_empty(0)
     dm = torch.empty_like(magnitude) if needs_dm else x.new_empty(0)
     return dx, dA, dB, dm
+
+
+dora_bwd = register_op("dora_bwd", _dora_bwd, _dora_bwd_fake, _dora_bwd_backend)
 
 
 def _setup_context(ctx, inputs, output):

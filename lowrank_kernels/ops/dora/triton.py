@@ -30,6 +30,7 @@ from ..._triton_utils import (
     pipeline_stages,
     rank_block,
     row_splits,
+    traceable,
 )
 from ..lora.triton import _matmul_tiles, fused_forward, lowrank_matmul, shrink, weight_grad
 from .naive import CANCELLATION_FRACTION
@@ -347,7 +348,7 @@ def row_norm(weight, lora_A, lora_B, weight_norm_sq, *, scale, rank) -> Tensor:
     block_n, block_k = 32, 64 if weight.dtype == torch.float32 or block_r > 64 else 128
     stages = pipeline_stages(block_n + block_r, block_k, weight.dtype.itemsize, most=3 if block_r == 64 else 4)
     w0sq = weight_norm_sq if weight_norm_sq is not None else norm  # unread without HAS_W0SQ
-    dora_norm_kernel[(cdiv(N, block_n),)](
+    traceable(dora_norm_kernel)[(cdiv(N, block_n),)](
         weight, lora_A, lora_B, gram, w0sq, norm, N, K, rank, float(scale), float(CANCELLATION_FRACTION),
         *weight.stride(), *lora_A.stride(), *lora_B.stride(),
         *gram.stride(),
@@ -367,7 +368,7 @@ def dropout_shrink(x: Tensor, lora_A: Tensor, rank: int, *, p_drop: float, seed:
     # A memory-bound pass over x: 16-row tiles keep >= 2 programs per SM (132 on an H100) up to M = 4224; the
     # hash over a [64, 128] tile would take 247 registers a thread (ptxas, sm_90), [16, 128] 88.
     block_m, block_r = (16 if cdiv(M, 16) <= 264 else 32), rank_block(R)
-    dora_dropout_shrink_kernel[(cdiv(M, block_m), cdiv(R, block_r))](
+    traceable(dora_dropout_shrink_kernel)[(cdiv(M, block_m), cdiv(R, block_r))](
         x, lora_A, xd, xa, seed, M, K, R, rank, float(p_drop),
         *x.stride(), *lora_A.stride(), *xd.stride(),
         *xa.stride(), DOT_PRECISION=dot_precision(x.dtype),
@@ -390,7 +391,7 @@ def dora_dx(dy, weight, g, t, lora_A, *, scale, rank, p_drop=0.0, seed=0) -> Ten
         tiles["num_warps"] = 8
     grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(K, tiles["BLOCK_K"]),)
     g = g.float().contiguous()
-    dora_dx_kernel[grid](
+    traceable(dora_dx_kernel)[grid](
         dy, weight, g, t, lora_A, dx, seed, M, N, K, rank, float(scale), float(p_drop),
         *dy.stride(), *weight.stride(), *t.stride(),
         *lora_A.stride(), *dx.stride(),
@@ -406,7 +407,7 @@ def col_dot(p: Tensor, q: Tensor) -> Tensor:
     n_blocks = cdiv(N, block_n)
     splits, rows_per_split = row_splits(M, n_blocks, block_m)
     out = torch.empty(splits, N, device=p.device, dtype=torch.float32)
-    col_dot_kernel[(n_blocks, splits)](
+    traceable(col_dot_kernel)[(n_blocks, splits)](
         p, q, out, M, N, rows_per_split, *p.stride(), *q.stride(),
         *out.stride(), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip

@@ -14,6 +14,7 @@ Follow a call top to bottom:
 
 from __future__ import annotations
 
+import functools
 import math
 from types import ModuleType
 
@@ -108,8 +109,32 @@ def backend_for(op: str, x: Tensor, weight: Tensor, *tensors: Tensor | None) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registration: custom ops with fake implementations and autograd.
+# Registration: ops with fake implementations and autograd.
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def register_op(name: str, body, fake, backend_of):
+    """``lowrank_kernels::<name>``, computed by ``body``, as a ``torch.library.triton_op``: a call that runs on
+    Triton's compiled kernels is traced through ``body`` by ``torch.compile``, which then sees and schedules every
+    launch (the launchers hand it ``wrap_triton`` kernels while compiling) and every torch op between them. Any
+    other backend (the reference, the CUDA extension, the interpreter's kernels) runs ``body`` inside the opaque
+    custom op ``<name>_opaque``. ``backend_of(*args)`` names the call's backend; a compiled graph keeps the one it
+    was traced with. ``fake``, the shape rule, serves both (Dynamo never runs ``body`` on fake tensors)."""
+    opaque = torch.library.custom_op(f"lowrank_kernels::{name}_opaque", body, mutates_args=())
+    opaque.register_fake(fake)
+
+    @functools.wraps(body)  # the schema is inferred from body's signature
+    def traced_or_opaque(*args):
+        if backend_of(*args) == "triton":
+            from ..._triton_utils import kernels_compiled
+
+            if kernels_compiled():
+                return body(*args)
+        return opaque(*args)
+
+    op = torch.library.triton_op(f"lowrank_kernels::{name}", traced_or_opaque, mutates_args=())
+    op.register_fake(fake)
+    return op
 
 
 def _lora_fwd(
@@ -130,18 +155,21 @@ def _lora_fwd(
     ``seed`` is a CPU int64 scalar tensor (None without dropout): a tensor, so torch.compile traces its draw.
     """
     bias, rank_scale = contiguous_vector(bias), contiguous_vector(rank_scale)
-    impl = implementation(backend_for("lora_fwd", x, weight, bias, lora_A, lora_B, rank_scale))
+    impl = implementation(_lora_fwd_backend(x, weight, bias, lora_A, lora_B, rank_scale))
     return lora_forward(impl, x, weight, bias, lora_A, lora_B, rank_scale, scale=scale, rank=rank, p_drop=dropout_p,
                         seed=seed_int(seed))  # fmt: skip
 
 
-lora_fwd = torch.library.custom_op("lowrank_kernels::lora_fwd", _lora_fwd, mutates_args=())
+def _lora_fwd_backend(x, weight, bias, lora_A, lora_B, rank_scale, *_) -> str:
+    return backend_for("lora_fwd", x, weight, bias, lora_A, lora_B, rank_scale)
 
 
-@lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, rank_scale, scale, rank, grad_rank_start, dropout_p, seed):
+def _lora_fwd_fake(x, weight, bias, lora_A, lora_B, rank_scale, scale, rank, grad_rank_start, dropout_p, seed):
     xa_dtype = naive.compute_dtype(x.dtype)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=xa_dtype)
+
+
+lora_fwd = register_op("lora_fwd", _lora_fwd, _lora_fwd_fake, _lora_fwd_backend)
 
 
 def _lora_bwd(
@@ -167,25 +195,28 @@ def _lora_bwd(
     backward on its own thread, where the forward's ``use_backend`` context is not visible, so it travels here.
     """
     rank_scale = contiguous_vector(rank_scale)
-    with backend.use_backend(backend_name or None):
-        impl = implementation(backend_for("lora_bwd", x, weight, grad_out, lora_A, lora_B, rank_scale))
+    impl = implementation(_lora_bwd_backend(grad_out, x, weight, lora_A, lora_B, rank_scale, *[None] * 8, backend_name))
     dx, dA, dB, dv = lora_backward(impl, grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale=scale, rank=rank,
                                    grad_rank_start=grad_rank_start, p_drop=dropout_p, seed=seed_int(seed),
                                    needs_dx=needs_dx, needs_dAB=needs_dAB)  # fmt: skip
     return dx, dA, dB, x.new_empty(0) if dv is None else dv
 
 
-lora_bwd = torch.library.custom_op("lowrank_kernels::lora_bwd", _lora_bwd, mutates_args=())
+def _lora_bwd_backend(grad_out, x, weight, lora_A, lora_B, rank_scale, *args) -> str:
+    with backend.use_backend(args[-1] or None):  # backend_name
+        return backend_for("lora_bwd", x, weight, grad_out, lora_A, lora_B, rank_scale)
 
 
-@lora_bwd.register_fake
-def _(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed, needs_dx,
-      needs_dAB, backend_name):  # fmt: skip
+def _lora_bwd_fake(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed,
+                   needs_dx, needs_dAB, backend_name):  # fmt: skip
     dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
     dA = torch.empty_like(lora_A) if needs_dAB else x.new_empty(0)
     dB = torch.empty_like(lora_B) if needs_dAB else x.new_empty(0)
     dv = x.new_empty(0) if rank_scale is None else torch.empty_like(rank_scale)
     return dx, dA, dB, dv
+
+
+lora_bwd = register_op("lora_bwd", _lora_bwd, _lora_bwd_fake, _lora_bwd_backend)
 
 
 def _setup_context(ctx, inputs, output):

@@ -33,6 +33,7 @@ from ..._triton_utils import (
     pipeline_stages,
     rank_block,
     row_splits,
+    traceable,
 )
 
 # Forward at M <= 64 runs as one launch that also computes xa; it keeps xa for all ranks in registers.
@@ -466,7 +467,7 @@ def _launch_matmul(x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, p_dro
     num, den = col_scale if col_scale is not None else (y, y)
     xd_in = xd if xd is not None else x
     z_out = z if z is not None else y
-    lora_matmul_kernel[grid](
+    traceable(lora_matmul_kernel)[grid](
         x, w, bias if bias is not None else y, t, u, v if v is not None else t, a, y, num, den, xd_in, z_out, seed,
         M, N, K, rank, float(scale), float(p_drop),
         *x.stride(), *w.stride(), *t.stride(), *u.stride(),
@@ -486,7 +487,7 @@ def shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed: int = 
     t = torch.empty(M, R, device=x.device, dtype=torch.float32)
     block_m, block_r = (16 if M <= 16 else 64), rank_block(R)
     grid = (cdiv(M, block_m), cdiv(R, block_r))
-    lora_shrink_kernel[grid](
+    traceable(lora_shrink_kernel)[grid](
         x, a, t, seed, M, K, R, rank, float(p_drop),
         *x.stride(), *a.stride(), *t.stride(),
         HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(x.dtype),
@@ -517,7 +518,7 @@ def lowrank_matmul(x, w, bias, t, u, v, *, scale, rank, p_drop=0.0, seed=0, epil
         z = torch.empty_like(y) if save_z else None
         grid = (cdiv(M, 64), cdiv(N, 128))
         tv = t if v is None else t * v.float()  # DoRA has no rank scale; kept for the interface
-        lowrank_epilogue_kernel[grid](
+        traceable(lowrank_epilogue_kernel)[grid](
             y, tv, u, col_scale[0], col_scale[1], bias if bias is not None else y, z if z is not None else y,
             M, N, rank, float(scale), *y.stride(), *tv.stride(), *u.stride(),
             (z if z is not None else y).stride(0), (z if z is not None else y).stride(1),
@@ -557,7 +558,7 @@ def weight_grad(t, x, v, *, scale, rank_start, rank, p_drop=0.0, seed=0) -> Tens
     splits, rows_per_split = row_splits(M, cdiv(K, block_k) * cdiv(n_ranks, block_r), block_m,
                                         min_rows=WEIGHT_GRAD_MIN_ROWS)  # fmt: skip
     out = torch.empty(splits, n_ranks, K, device=x.device, dtype=torch.float32)
-    lora_weight_grad_kernel[(cdiv(K, block_k), cdiv(n_ranks, block_r), splits)](
+    traceable(lora_weight_grad_kernel)[(cdiv(K, block_k), cdiv(n_ranks, block_r), splits)](
         t, x, v if v is not None else t, out, seed, M, K, rank_start, rank, rows_per_split, float(scale),
         float(p_drop), *t.stride(), *x.stride(), *out.stride(),
         HAS_RANK_SCALE=v is not None, HAS_DROPOUT=p_drop > 0.0,
@@ -570,5 +571,7 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device) -> Tensor:
     """The mask (0 or 1/(1-p), float32 [M, K]) that these kernels apply for ``seed`` (for tests)."""
     M, K = shape
     out = torch.empty(M, K, device=device, dtype=torch.float32)
-    dropout_mask_kernel[(cdiv(M, 32), cdiv(K, 32))](out, seed, M, K, float(p), *out.stride(), BLOCK_M=32, BLOCK_K=32)
+    traceable(dropout_mask_kernel)[(cdiv(M, 32), cdiv(K, 32))](
+        out, seed, M, K, float(p), *out.stride(), BLOCK_M=32, BLOCK_K=32
+    )
     return out

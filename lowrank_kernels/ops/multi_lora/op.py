@@ -29,7 +29,7 @@ from torch import Tensor
 from ... import backend
 from ..._checks import FLOAT_DTYPES, check_dropout, seed_int, seed_tensor
 from ..lora.naive import keep_factor
-from ..lora.op import as_rows, contiguous_vector, run_registered
+from ..lora.op import as_rows, contiguous_vector, register_op, run_registered
 from . import naive
 from .batch import AdapterBatch
 from .naive import BatchTensors
@@ -131,6 +131,8 @@ def _backend_for(op: str, x: Tensor, *tensors: Tensor | None) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# An opaque custom op on every backend: torch ops alone (one cuBLAS GEMM), with a data-dependent gather of the rows
+# that cancel, which a traced graph cannot hold.
 @torch.library.custom_op("lowrank_kernels::multi_lora_norm", mutates_args=())
 def multi_lora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, slots: list[int], scales: list[float],
                     ranks: list[int]) -> Tensor:  # fmt: skip
@@ -183,7 +185,7 @@ def _multi_lora_fwd(
         return F.linear(x, weight, bias), xa, x.new_zeros(M, weight.shape[0]) if save_z else x.new_empty(0)
     bias = contiguous_vector(bias)  # the kernels read 1-D vectors contiguous
     meta = BatchTensors(row_slot, row_rank, row_scale, sorted_rows, tiles, slot_rows, block_m)
-    impl = implementation(_backend_for("multi_lora_fwd", x, weight, bias, lora_A, lora_B))
+    impl = implementation(_fwd_backend(x, weight, bias, lora_A, lora_B))
     serving = getattr(impl, "serving_forward", None)
     if serving is not None and not needs_backward and not save_z and dropout_p == 0.0:
         y = serving(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, meta)
@@ -197,16 +199,20 @@ def _multi_lora_fwd(
     return y, xa, x.new_empty(0) if z is None else z
 
 
-multi_lora_fwd = torch.library.custom_op("lowrank_kernels::multi_lora_fwd", _multi_lora_fwd, mutates_args=())
+def _fwd_backend(x, weight, bias, lora_A, lora_B, *_) -> str:
+    return _backend_for("multi_lora_fwd", x, weight, bias, lora_A, lora_B)
 
 
-@multi_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, row_rank, row_scale, sorted_rows, tiles,
-      slot_rows, block_m, has_adapter, has_dora, dropout_p, seed, save_z, needs_backward):  # fmt: skip
+def _fwd_fake(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_slots, row_slot, row_rank, row_scale,
+              sorted_rows, tiles, slot_rows, block_m, has_adapter, has_dora, dropout_p, seed, save_z,
+              needs_backward):  # fmt: skip
     M, N = x.shape[0], weight.shape[0]
     xa_shape = (M, lora_A.shape[1]) if needs_backward else (0, 0)
     xa = x.new_empty(*xa_shape, dtype=naive.compute_dtype(x.dtype))
     return x.new_empty(M, N), xa, x.new_empty(M, N) if save_z else x.new_empty(0)
+
+
+multi_lora_fwd = register_op("multi_lora_fwd", _multi_lora_fwd, _fwd_fake, _fwd_backend)
 
 
 def _multi_lora_bwd(
@@ -247,25 +253,28 @@ def _multi_lora_bwd(
         dg = torch.zeros_like(magnitude_scale) if needs_dg else x.new_empty(0)
         return dx, dA, dB, dg
     meta = BatchTensors(row_slot, row_rank, row_scale, sorted_rows, tiles, slot_rows, block_m)
-    with backend.use_backend(backend_name or None):
-        impl = implementation(_backend_for("multi_lora_bwd", x, weight, grad_out, lora_A, lora_B))
+    impl = implementation(_bwd_backend(grad_out, x, weight, lora_A, lora_B, backend_name))
     return multi_lora_backward(impl, grad_out, x, weight, lora_A, lora_B, magnitude_scale, dora_slots, xa, z, meta,
                                has_dora=has_dora, p_drop=dropout_p, seed=seed_int(seed), needs_dx=needs_dx,
                                needs_dAB=needs_dAB, needs_dg=needs_dg)  # fmt: skip
 
 
-multi_lora_bwd = torch.library.custom_op("lowrank_kernels::multi_lora_bwd", _multi_lora_bwd, mutates_args=())
+def _bwd_backend(grad_out, x, weight, lora_A, lora_B, *args) -> str:
+    with backend.use_backend(args[-1] or None):  # backend_name
+        return _backend_for("multi_lora_bwd", x, weight, grad_out, lora_A, lora_B)
 
 
-@multi_lora_bwd.register_fake
-def _(grad_out, x, weight, lora_A, lora_B, magnitude_scale, dora_slots, xa, z, row_slot, row_rank, row_scale,
-      sorted_rows, tiles, slot_rows, block_m, has_adapter, has_dora, dropout_p, seed, needs_dx, needs_dAB, needs_dg,
-      backend_name):  # fmt: skip
+def _bwd_fake(grad_out, x, weight, lora_A, lora_B, magnitude_scale, dora_slots, xa, z, row_slot, row_rank, row_scale,
+              sorted_rows, tiles, slot_rows, block_m, has_adapter, has_dora, dropout_p, seed, needs_dx, needs_dAB,
+              needs_dg, backend_name):  # fmt: skip
     dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
     dA = torch.empty_like(lora_A) if needs_dAB else x.new_empty(0)
     dB = torch.empty_like(lora_B) if needs_dAB else x.new_empty(0)
     dg = torch.empty_like(magnitude_scale) if needs_dg else x.new_empty(0)
     return dx, dA, dB, dg
+
+
+multi_lora_bwd = register_op("multi_lora_bwd", _multi_lora_bwd, _bwd_fake, _bwd_backend)
 
 
 _BATCH_INPUTS = slice(7, 16)  # row_slot .. has_dora in multi_lora_fwd's inputs

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._triton_utils import cdiv, dot_precision, dropout_keep, rank_block
+from ..._triton_utils import cdiv, dot_precision, dropout_keep, rank_block, traceable
 from ..lora.naive import keep_factor
 from .naive import BatchTensors
 
@@ -312,7 +312,7 @@ def shrink_partials(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float =
     if T == 0 or M == 0:
         return t
     p, scale = _dropout_args(p_drop)
-    multi_lora_shrink_kernel[(T, rank_blocks, splits)](
+    traceable(multi_lora_shrink_kernel)[(T, rank_blocks, splits)](
         x, a, t, meta.sorted_rows, meta.row_rank, meta.row_scale, meta.tiles, K, k_per_split, seed, p, scale,
         *x.stride(), a.stride(0), a.stride(1), a.stride(2), t.stride(0), t.stride(1), t.stride(2),
         HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=meta.block_m, BLOCK_K=block_k,
@@ -348,7 +348,7 @@ def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None
     p, scale = _dropout_args(p_drop)
     yd_t = y if yd is None else yd
     z_t = y if z is None else z
-    multi_lora_expand_kernel[(T, cdiv(N, block_n))](
+    traceable(multi_lora_expand_kernel)[(T, cdiv(N, block_n))](
         t, u, y, bias if bias is not None else y, g, dora_slots, yd_t, z_t, meta.sorted_rows, meta.tiles, N, t.shape[0],
         seed, p, scale, t.stride(0), t.stride(1), t.stride(2), u.stride(0), u.stride(1), u.stride(2), y.stride(0),
         y.stride(1),
@@ -371,7 +371,7 @@ def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int,
     block_q = 64 if Q > 32 else (32 if Q > 16 else 16)
     p, scale = _dropout_args(p_drop)
     fp32 = u.dtype == torch.float32 or v.dtype == torch.float32
-    segment_weight_grad_kernel[(capacity, cdiv(P, block_p), cdiv(Q, block_q))](
+    traceable(segment_weight_grad_kernel)[(capacity, cdiv(P, block_p), cdiv(Q, block_q))](
         u, v, out, meta.sorted_rows, meta.slot_rows, P, Q, seed, p, scale, *u.stride(), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), out.stride(2), HAS_DROPOUT=p_drop > 0.0,
         DOT_PRECISION=dot_precision(torch.float32 if fp32 else u.dtype), BLOCK_M=32, BLOCK_P=block_p,

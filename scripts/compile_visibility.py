@@ -46,11 +46,17 @@ def capture(graphs: list):
 
         def run(*_args):  # zeros of the traced outputs: nothing launches, autograd still traces the backward
             vals = [o.meta.get("val") if o is not None else None for o in outputs]
-            return [torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v for v in vals]
+            return [torch.zeros([_hint(d) for d in v.shape], dtype=v.dtype) if isinstance(v, torch.Tensor) else v
+                    for v in vals]  # fmt: skip
 
         return run
 
     return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+
+
+def _hint(size):
+    """A symbolic size's value in the traced example (dynamic=True), a plain int as it is."""
+    return size.node.hint if isinstance(size, torch.SymInt) else size
 
 
 def launches(gm) -> Counter:
@@ -63,11 +69,11 @@ def opaque_ops(gm) -> set[str]:
     return {str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "_opaque" in str(n.target)}
 
 
-def compiled(fn, *args, calls=1, backward=True):
-    """(graphs, compiles): ``fn`` compiled with the capturing backend and called ``calls`` times (args per call)."""
+def compiled(fn, *args, calls=1, backward=True, dynamic=None):
+    """The graphs of ``fn`` compiled with the capturing backend and called ``calls`` times (call index last)."""
     graphs: list = []
     torch._dynamo.reset()
-    f = torch.compile(fn, backend=capture(graphs), fullgraph=True)
+    f = torch.compile(fn, backend=capture(graphs), fullgraph=True, dynamic=dynamic)
     for i in range(calls):
         out = f(*args, i)
         if backward:
@@ -107,6 +113,11 @@ def main() -> int:
         x_prefill = torch.randn(96, K, requires_grad=True)
         graphs = compiled(lambda x, A, B, i: lk.lora_linear(x, W, bias, A, B, scale=0.5), x_prefill, A, B)
         expect("lora prefill (shrink, then the GEMM)", graphs, {"lora_shrink_kernel": 1},
+               {"lora_shrink_kernel": 1, "lora_weight_grad_kernel": 2})  # fmt: skip
+        # Symbolic sizes reach the launchers' host code (tile choice, grids) as SymInts.
+        graphs = compiled(lambda x, A, B, i: lk.lora_linear(x, W, bias, A, B, scale=0.5), x_prefill, A, B,
+                          dynamic=True)  # fmt: skip
+        expect("lora prefill, dynamic shapes", graphs, {"lora_shrink_kernel": 1},
                {"lora_shrink_kernel": 1, "lora_weight_grad_kernel": 2})  # fmt: skip
         graphs = compiled(lambda x, A, B, i: lk.dora_linear(x, W, bias, A, B, m, scale=0.5), x, A, B)
         expect("dora decode", graphs, {"dora_norm_kernel": 1, "lora_matmul_kernel": 1},

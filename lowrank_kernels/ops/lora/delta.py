@@ -43,7 +43,7 @@ from ..._checks import (
     seed_tensor,
 )
 from . import naive
-from .op import as_rows, backend_for, contiguous_vector, implementation, run_registered
+from .op import as_rows, backend_for, contiguous_vector, implementation, lora_bwd_fake, register_op, run_registered
 
 # ---------------------------------------------------------------------------------------------------------------
 # The orchestration: forward and backward, once, over a backend's primitives.
@@ -97,7 +97,7 @@ def delta_backward(impl, dy, x, lora_A, lora_B, rank_scale, xa, *, scale, rank, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registration: custom ops with fake implementations and autograd.
+# Registration: ops (``op.register_op``) with fake implementations and autograd.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -118,18 +118,21 @@ def _lora_delta_fwd(
     ``grad_rank_start`` is the backward's; ``seed`` a CPU int64 scalar tensor (None without dropout).
     """
     rank_scale = contiguous_vector(rank_scale)
-    impl = implementation(backend_for("lora_delta_fwd", x, lora_B, lora_A, y_base, rank_scale))
+    impl = implementation(_fwd_backend(y_base, x, lora_A, lora_B, rank_scale))
     return delta_forward(impl, y_base, x, lora_A, lora_B, rank_scale, scale=scale, rank=rank, p_drop=dropout_p,
                          seed=seed_int(seed))  # fmt: skip
 
 
-lora_delta_fwd = torch.library.custom_op("lowrank_kernels::lora_delta_fwd", _lora_delta_fwd, mutates_args=())
+def _fwd_backend(y_base, x, lora_A, lora_B, rank_scale, *_) -> str:
+    return backend_for("lora_delta_fwd", x, lora_B, lora_A, y_base, rank_scale)
 
 
-@lora_delta_fwd.register_fake
-def _(y_base, x, lora_A, lora_B, rank_scale, scale, rank, grad_rank_start, dropout_p, seed):
+def _fwd_fake(y_base, x, lora_A, lora_B, rank_scale, scale, rank, grad_rank_start, dropout_p, seed):
     xa_dtype = naive.compute_dtype(x.dtype)
     return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=xa_dtype)
+
+
+lora_delta_fwd = register_op("lora_delta_fwd", _lora_delta_fwd, _fwd_fake, _fwd_backend)
 
 
 def _lora_delta_bwd(
@@ -153,25 +156,25 @@ def _lora_delta_bwd(
     ``backend_name``: the backend the forward was asked to use ("" for the automatic choice), as ``op.lora_bwd``.
     """
     rank_scale = contiguous_vector(rank_scale)
-    with backend.use_backend(backend_name or None):
-        impl = implementation(backend_for("lora_delta_bwd", x, lora_B, grad_out, lora_A, rank_scale))
+    impl = implementation(_bwd_backend(grad_out, x, lora_A, lora_B, rank_scale, backend_name))
     dx, dA, dB, dv = delta_backward(impl, grad_out, x, lora_A, lora_B, rank_scale, xa, scale=scale, rank=rank,
                                     grad_rank_start=grad_rank_start, p_drop=dropout_p, seed=seed_int(seed),
                                     needs_dx=needs_dx, needs_dAB=needs_dAB)  # fmt: skip
     return dx, dA, dB, x.new_empty(0) if dv is None else dv
 
 
-lora_delta_bwd = torch.library.custom_op("lowrank_kernels::lora_delta_bwd", _lora_delta_bwd, mutates_args=())
+def _bwd_backend(grad_out, x, lora_A, lora_B, rank_scale, *args) -> str:
+    with backend.use_backend(args[-1] or None):  # backend_name
+        return backend_for("lora_delta_bwd", x, lora_B, grad_out, lora_A, rank_scale)
 
 
-@lora_delta_bwd.register_fake
-def _(grad_out, x, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed, needs_dx, needs_dAB,
-      backend_name):  # fmt: skip
-    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
-    dA = torch.empty_like(lora_A) if needs_dAB else x.new_empty(0)
-    dB = torch.empty_like(lora_B) if needs_dAB else x.new_empty(0)
-    dv = x.new_empty(0) if rank_scale is None else torch.empty_like(rank_scale)
-    return dx, dA, dB, dv
+def _bwd_fake(grad_out, x, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed, needs_dx,
+              needs_dAB, backend_name):  # fmt: skip
+    return lora_bwd_fake(grad_out, x, None, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p,
+                          seed, needs_dx, needs_dAB, backend_name)  # fmt: skip
+
+
+lora_delta_bwd = register_op("lora_delta_bwd", _lora_delta_bwd, _bwd_fake, _bwd_backend)
 
 
 def _setup_context(ctx, inputs, output):

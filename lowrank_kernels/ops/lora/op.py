@@ -207,7 +207,7 @@ def _lora_bwd_backend(grad_out, x, weight, lora_A, lora_B, rank_scale, *args) ->
         return backend_for("lora_bwd", x, weight, grad_out, lora_A, lora_B, rank_scale)
 
 
-def _lora_bwd_fake(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed,
+def lora_bwd_fake(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed,
                    needs_dx, needs_dAB, backend_name):  # fmt: skip
     dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
     dA = torch.empty_like(lora_A) if needs_dAB else x.new_empty(0)
@@ -216,7 +216,7 @@ def _lora_bwd_fake(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, r
     return dx, dA, dB, dv
 
 
-lora_bwd = register_op("lora_bwd", _lora_bwd, _lora_bwd_fake, _lora_bwd_backend)
+lora_bwd = register_op("lora_bwd", _lora_bwd, lora_bwd_fake, _lora_bwd_backend)
 
 
 def _setup_context(ctx, inputs, output):

@@ -98,7 +98,7 @@ def dora_backward(impl, dy, x, weight, lora_A, lora_B, magnitude, weight_norm, x
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registration: custom ops with fake implementations and autograd.
+# Registration: ops (``register_op``: triton_op or opaque custom op) with fake implementations and autograd.
 # ---------------------------------------------------------------------------------------------------------------
 
 

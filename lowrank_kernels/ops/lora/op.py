@@ -3,9 +3,10 @@
 Follow a call top to bottom:
 
 1. ``lora_linear`` checks every argument (``lowrank_kernels._checks``) and calls the registered op;
-2. ``lowrank_kernels::lora_fwd`` / ``lora_bwd`` (custom ops with fake implementations, tied by
-   ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces both directions) pick a backend
-   (``lowrank_kernels.backend``) and run
+2. ``lowrank_kernels::lora_fwd`` / ``lora_bwd`` (``register_op``: ``triton_op`` s with fake implementations, tied by
+   ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces both directions and, on Triton, sees every
+   kernel launch; eager calls skip the dispatch, ``run_registered``) pick a backend (``lowrank_kernels.backend``)
+   and run
 3. ``lora_forward`` / ``lora_backward`` below: the one orchestration, written over the backend's primitives
    ``shrink``, ``lowrank_matmul`` and ``weight_grad`` — ``naive.py`` (PyTorch: the spec and the CPU path),
    ``triton.py`` (the kernels; its one-launch decode kernel is an explicit override, ``fused_forward``) or

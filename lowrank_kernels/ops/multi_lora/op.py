@@ -6,8 +6,8 @@ Follow a call top to bottom, as for LoRA (``ops/lora/op.py``):
    batch when it was built) and calls the registered op; the pool is duck-typed (``modules/pool.py``'s
    ``AdapterPool``: ``lora_A``, ``lora_B``, ``magnitude_scale``, ``dora_slots``, ``signature``), so the ops never
    import a module;
-2. ``lowrank_kernels::multi_lora_fwd`` / ``multi_lora_bwd`` (custom ops with fake implementations, tied by
-   ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces both directions) pick a backend and run
+2. ``lowrank_kernels::multi_lora_fwd`` / ``multi_lora_bwd`` (``triton_op`` s with fake implementations, tied by
+   ``register_autograd``, as ``ops/lora/op.py``'s ``register_op``) pick a backend and run
 3. ``multi_lora_forward`` / ``multi_lora_backward`` below: the one orchestration, over the backend's primitives
    ``segment_shrink``, ``segment_expand`` and ``segment_weight_grad`` (``naive.py``: PyTorch, the spec and the CPU
    path; ``triton.py``: segmented kernels; ``cuda.py``: the csrc extension). The math: ``naive.py``.

@@ -33,7 +33,15 @@ from ..._checks import (
     seed_tensor,
 )
 from ..lora.naive import cast
-from ..lora.op import as_rows, backend_for, contiguous_vector, lowrank_forward, register_op, run_registered
+from ..lora.op import (
+    as_rows,
+    backend_for,
+    contiguous_vector,
+    lowrank_forward,
+    register_autograd,
+    register_op,
+    run_registered,
+)
 from . import naive
 
 
@@ -251,19 +259,7 @@ def _backward(ctx, grad_out, _grad_xa, _grad_z):
             dm if needs[5] else None, None, None, None, None, None, None, None)  # fmt: skip
 
 
-dora_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerDoRA(torch.autograd.Function):
-    """The registered op's forward, setup and backward without the custom-op dispatch: eager mode."""
-
-    forward = staticmethod(_dora_fwd)
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.eager = True
+_EagerDoRA = register_autograd(dora_fwd, _dora_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------

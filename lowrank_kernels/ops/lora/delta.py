@@ -7,9 +7,10 @@ comes in and the adapter term is added to it on the package's fused primitives (
 
 1. ``lora_delta`` checks every argument and calls the registered op (``run_registered``: eager calls skip the
    custom-op dispatch);
-2. ``lowrank_kernels::lora_delta_fwd`` / ``lora_delta_bwd`` (custom ops with fake implementations, tied by
-   ``register_autograd``) pick a backend (``op.backend_for``, ``op.implementation``) and run
-3. ``delta_forward`` / ``delta_backward`` below, the one orchestration over the backend's primitives.
+2. ``lowrank_kernels::lora_delta_fwd`` (``op.register_op``, a fake implementation, ``register_autograd``) picks a
+   backend (``op.backend_for``, ``op.implementation``) and runs ``delta_forward`` below over the backend's
+   primitives; the backward is LoRA's own ``lowrank_kernels::lora_bwd`` without a base weight
+   (``op.lora_backward``).
 
 Forward: ``xa = drop(x) A[:b]^T`` (the shrink, dropout fused), then one ``addmm`` onto ``y_base`` (the same
 rank-b product as the Triton backend's cuBLAS strategy). Backward, with ``dyb = dy B[:, :b]``::
@@ -43,7 +44,17 @@ from ..._checks import (
     seed_tensor,
 )
 from . import naive
-from .op import as_rows, backend_for, contiguous_vector, implementation, lora_bwd_fake, register_op, run_registered
+from .op import (
+    _lora_bwd,
+    as_rows,
+    backend_for,
+    contiguous_vector,
+    implementation,
+    lora_bwd,
+    register_autograd,
+    register_op,
+    run_registered,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The orchestration: forward and backward, once, over a backend's primitives.
@@ -66,34 +77,6 @@ def delta_forward(impl, y_base, x, lora_A, lora_B, rank_scale, *, scale, rank, p
     left, up = scaled_rows(xa, rank_scale, scale, rank, x.dtype), lora_B[:, :rank].t()
     y = torch.mm(left, up) if y_base is None else torch.addmm(y_base, left, up)
     return y, xa
-
-
-def delta_backward(impl, dy, x, lora_A, lora_B, rank_scale, xa, *, scale, rank, grad_rank_start, p_drop, seed,
-                   needs_dx, needs_dAB) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
-    """(dx [M, K], dA [R, K], dB [N, R], dv [R] | None) of the adapter term; dx (dA, dB) is an empty [0] tensor unless
-    needed. ``dx = s drop'((dyb * v) A)``: ``lowrank_matmul`` over an empty base (dy's first 0 columns times a [K, 0]
-    weight: zeros, no reduction) with A^T as the "up" matrix and x's mask in the epilogue. The weight gradients are
-    ``op.lora_backward``'s."""
-    lo = grad_rank_start
-    dyb = impl.shrink(dy, lora_B.t(), rank)
-    dx = x.new_empty(0)
-    if needs_dx:
-        no_base, no_weight = dy[:, :0], lora_A.new_empty(lora_A.shape[1], 0)
-        dx, _ = impl.lowrank_matmul(no_base, no_weight, None, dyb, lora_A.t(), rank_scale, scale=scale, rank=rank,
-                                    p_drop=p_drop, seed=seed, epilogue_dropout=p_drop > 0.0)  # fmt: skip
-    dA, dB = x.new_empty(0), x.new_empty(0)  # distinct tensors: custom-op outputs may not alias
-    if needs_dAB:
-        dA = lora_A.new_zeros(lora_A.shape)
-        dB = lora_B.new_zeros(lora_B.shape)
-        if lo < rank:
-            grad = dict(scale=scale, rank_start=lo, rank=rank)
-            dA[lo:rank] = impl.weight_grad(dyb, x, rank_scale, p_drop=p_drop, seed=seed, **grad)
-            dB[:, lo:rank] = impl.weight_grad(xa, dy, rank_scale, **grad).t()
-    dv = None
-    if rank_scale is not None:
-        dv = rank_scale.new_zeros(rank_scale.shape)
-        dv[lo:rank] = scale * (xa[:, lo:rank] * dyb[:, lo:rank]).sum(0)
-    return dx, dA, dB, dv
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,48 +118,6 @@ def _fwd_fake(y_base, x, lora_A, lora_B, rank_scale, scale, rank, grad_rank_star
 lora_delta_fwd = register_op("lora_delta_fwd", _lora_delta_fwd, _fwd_fake, _fwd_backend)
 
 
-def _lora_delta_bwd(
-    grad_out: Tensor,
-    x: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    rank_scale: Tensor | None,
-    xa: Tensor,
-    scale: float,
-    rank: int,
-    grad_rank_start: int,
-    dropout_p: float,
-    seed: Tensor | None,
-    needs_dx: bool,
-    needs_dAB: bool,
-    backend_name: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dB, dv); dx (dA, dB) is empty [0] unless needs_dx (needs_dAB); dv empty without v.
-
-    ``backend_name``: the backend the forward was asked to use ("" for the automatic choice), as ``op.lora_bwd``.
-    """
-    rank_scale = contiguous_vector(rank_scale)
-    impl = implementation(_bwd_backend(grad_out, x, lora_A, lora_B, rank_scale, backend_name))
-    dx, dA, dB, dv = delta_backward(impl, grad_out, x, lora_A, lora_B, rank_scale, xa, scale=scale, rank=rank,
-                                    grad_rank_start=grad_rank_start, p_drop=dropout_p, seed=seed_int(seed),
-                                    needs_dx=needs_dx, needs_dAB=needs_dAB)  # fmt: skip
-    return dx, dA, dB, x.new_empty(0) if dv is None else dv
-
-
-def _bwd_backend(grad_out, x, lora_A, lora_B, rank_scale, *args) -> str:
-    with backend.use_backend(args[-1] or None):  # backend_name
-        return backend_for("lora_delta_bwd", x, lora_B, grad_out, lora_A, rank_scale)
-
-
-def _bwd_fake(grad_out, x, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed, needs_dx,
-              needs_dAB, backend_name):  # fmt: skip
-    return lora_bwd_fake(grad_out, x, None, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p,
-                          seed, needs_dx, needs_dAB, backend_name)  # fmt: skip
-
-
-lora_delta_bwd = register_op("lora_delta_bwd", _lora_delta_bwd, _bwd_fake, _bwd_backend)
-
-
 def _setup_context(ctx, inputs, output):
     y_base, x, lora_A, lora_B, rank_scale, scale, rank, grad_rank_start, dropout_p, seed = inputs
     ctx.save_for_backward(x, lora_A, lora_B, rank_scale, output[1], seed)
@@ -191,27 +132,15 @@ def _backward(ctx, grad_out, _grad_xa):
     d_base = grad_out if needs[0] else None  # y_base enters as a plain sum
     if not any(needs[1:5]):
         return d_base, None, None, None, None, None, None, None, None, None
-    bwd = _lora_delta_bwd if getattr(ctx, "eager", False) else lora_delta_bwd  # traced: the registered op
-    dx, dA, dB, dv = bwd(grad_out, x, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed,
-                         needs[1], needs[2] or needs[3] or needs[4], backend_name)  # fmt: skip
+    # LoRA's backward without a base weight: dx of the adapter term alone.
+    bwd = _lora_bwd if getattr(ctx, "eager", False) else lora_bwd  # traced: the registered op
+    dx, dA, dB, dv = bwd(grad_out, x, None, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p,
+                         seed, needs[1], needs[2] or needs[3] or needs[4], backend_name)  # fmt: skip
     return (d_base, dx if needs[1] else None, dA if needs[2] else None, dB if needs[3] else None,
             dv if needs[4] else None, None, None, None, None, None)  # fmt: skip
 
 
-lora_delta_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerLoRADelta(torch.autograd.Function):
-    """The same forward, setup and backward as the registered op, without the custom-op dispatch: eager mode
-    (``op.run_registered``)."""
-
-    forward = staticmethod(_lora_delta_fwd)
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.eager = True
+_EagerLoRADelta = register_autograd(lora_delta_fwd, _lora_delta_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------

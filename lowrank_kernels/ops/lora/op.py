@@ -80,12 +80,15 @@ def lora_backward(impl, dy, x, weight, lora_A, lora_B, rank_scale, xa, *, scale,
 
     ``dyb = dy B[:, :b]``; ``dx = dy W0 + s drop'((dyb * v) A)`` (the GEMM over N with A^T as the "up" matrix);
     ``dA = s (dyb * v)^T drop(x)``, ``dB = s dy^T (xa * v)`` over ranks ``[grad_rank_start, rank)``, zero elsewhere.
+    ``weight`` None (``lora_delta``: a base product that is not ours): dx of the adapter term alone, the GEMM over an
+    empty base (dy's first 0 columns times a [K, 0] weight: zeros, no reduction).
     """
     lo = grad_rank_start
     dyb = impl.shrink(dy, lora_B.t(), rank)
     dx = x.new_empty(0)
     if needs_dx:
-        dx, _ = impl.lowrank_matmul(dy, weight.t(), None, dyb, lora_A.t(), rank_scale, scale=scale, rank=rank,
+        base, w = (dy, weight.t()) if weight is not None else (dy[:, :0], lora_A.new_empty(lora_A.shape[1], 0))
+        dx, _ = impl.lowrank_matmul(base, w, None, dyb, lora_A.t(), rank_scale, scale=scale, rank=rank,
                                     p_drop=p_drop, seed=seed, epilogue_dropout=p_drop > 0.0)  # fmt: skip
     dA, dB = x.new_empty(0), x.new_empty(0)  # distinct tensors: custom-op outputs may not alias
     if needs_dAB:
@@ -103,7 +106,8 @@ def lora_backward(impl, dy, x, weight, lora_A, lora_B, rank_scale, xa, *, scale,
 
 
 def backend_for(op: str, x: Tensor, weight: Tensor, *tensors: Tensor | None) -> str:
-    """The backend of this call; empty problems (M, K or N = 0) need no kernel and run on the reference."""
+    """The backend of this call; empty problems (M, K or N = 0: x or ``weight``, [N, *], empty) need no kernel and run
+    on the reference."""
     if x.numel() == 0 or weight.numel() == 0:
         return "torch"
     return backend.choose(op, x.device, (x, weight, *tensors))
@@ -136,6 +140,21 @@ def register_op(name: str, body, fake, backend_of):
     op = torch.library.triton_op(f"lowrank_kernels::{name}", traced_or_opaque, mutates_args=())
     op.register_fake(fake)
     return op
+
+
+def register_autograd(op, body, backward, setup_context) -> type[torch.autograd.Function]:
+    """Tie ``backward`` to ``op`` (what ``torch.compile`` and ``opcheck`` trace) and return the same forward, setup and
+    backward as an autograd Function without the op's dispatch (~100 us a call on a CPU), for eager mode
+    (``run_registered``); its contexts carry ``ctx.eager``, so the backward calls the backward op's body directly."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    def eager_setup_context(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.eager = True
+
+    methods = dict(forward=staticmethod(body), backward=staticmethod(backward),
+                   setup_context=staticmethod(eager_setup_context))  # fmt: skip
+    return type(f"Eager{body.__name__}", (torch.autograd.Function,), methods)
 
 
 def _lora_fwd(
@@ -176,7 +195,7 @@ lora_fwd = register_op("lora_fwd", _lora_fwd, _lora_fwd_fake, _lora_fwd_backend)
 def _lora_bwd(
     grad_out: Tensor,
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     rank_scale: Tensor | None,
@@ -205,7 +224,7 @@ def _lora_bwd(
 
 def _lora_bwd_backend(grad_out, x, weight, lora_A, lora_B, rank_scale, *args) -> str:
     with backend.use_backend(args[-1] or None):  # backend_name
-        return backend_for("lora_bwd", x, weight, grad_out, lora_A, lora_B, rank_scale)
+        return backend_for("lora_bwd", x, lora_B if weight is None else weight, grad_out, lora_A, lora_B, rank_scale)
 
 
 def lora_bwd_fake(grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale, rank, grad_rank_start, dropout_p, seed,
@@ -241,20 +260,7 @@ def _backward(ctx, grad_out, _grad_xa):
             dv if needs[5] else None, None, None, None, None, None)  # fmt: skip
 
 
-lora_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerLoRA(torch.autograd.Function):
-    """The same forward, setup and backward as the registered op, without the custom-op dispatch (~100 us a call on
-    a CPU): eager mode. ``torch.compile`` traces the registered op instead (``run_registered``)."""
-
-    forward = staticmethod(_lora_fwd)
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.eager = True
+_EagerLoRA = register_autograd(lora_fwd, _lora_fwd, _backward, _setup_context)
 
 
 def as_rows(x: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 from ... import backend
 from ..._checks import FLOAT_DTYPES, check_dropout, seed_int, seed_tensor
 from ..lora.naive import keep_factor
-from ..lora.op import as_rows, contiguous_vector, register_op, run_registered
+from ..lora.op import as_rows, contiguous_vector, register_autograd, register_op, run_registered
 from . import naive
 from .batch import AdapterBatch
 from .naive import BatchTensors
@@ -308,19 +308,7 @@ def _backward(ctx, grad_out, _grad_xa, _grad_z):
             dg if needs[5] else None, *([None] * 14))  # fmt: skip
 
 
-multi_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerMultiLoRA(torch.autograd.Function):
-    """The registered op's forward, setup and backward without the custom-op dispatch: eager mode."""
-
-    forward = staticmethod(_multi_lora_fwd)
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.eager = True
+_EagerMultiLoRA = register_autograd(multi_lora_fwd, _multi_lora_fwd, _backward, _setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------

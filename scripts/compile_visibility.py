@@ -119,8 +119,14 @@ def main() -> int:
                           dynamic=True)  # fmt: skip
         expect("lora prefill, dynamic shapes", graphs, {"lora_shrink_kernel": 1},
                {"lora_shrink_kernel": 1, "lora_weight_grad_kernel": 2})  # fmt: skip
+        graphs = compiled(lambda x, A, B, i: lk.lora_linear(x, W, bias, A, B, scale=0.5), x, A, B, dynamic=True)
+        expect("lora decode, dynamic shapes", graphs, {"lora_matmul_kernel": 1}, lora_backward)
         graphs = compiled(lambda x, A, B, i: lk.dora_linear(x, W, bias, A, B, m, scale=0.5), x, A, B)
         expect("dora decode", graphs, {"dora_norm_kernel": 1, "lora_matmul_kernel": 1},
+               {"dora_dx_kernel": 1, "col_dot_kernel": 1, "lora_weight_grad_kernel": 2})  # fmt: skip
+        graphs = compiled(lambda x, A, B, i: lk.dora_linear(x, W, bias, A, B, m, scale=0.5, dropout=0.1), x, A, B,
+                          dynamic=True)  # fmt: skip
+        expect("dora decode, dropout, dynamic shapes", graphs, {"dora_norm_kernel": 1},
                {"dora_dx_kernel": 1, "col_dot_kernel": 1, "lora_weight_grad_kernel": 2})  # fmt: skip
 
         layer = lk.MultiLoRALinear.from_linear(nn.Linear(K, N), capacity=3, max_rank=R).eval()
@@ -130,6 +136,9 @@ def main() -> int:
         with torch.no_grad():
             graphs = compiled(lambda x, _i: layer(x, batch), torch.randn(4, K), backward=False)
         expect("multi-LoRA serving", graphs, {"multi_lora_shrink_kernel": 1, "multi_lora_expand_kernel": 1})
+        graphs = compiled(lambda x, _i: layer(x, batch), torch.randn(4, K), backward=False, dynamic=True)
+        expect("multi-LoRA serving, dynamic shapes", graphs,
+               {"multi_lora_shrink_kernel": 1, "multi_lora_expand_kernel": 1})  # fmt: skip
 
     with lk.use_backend("torch"):  # the reference stays one opaque custom op
         graphs = compiled(lambda x, A, B, i: lk.lora_linear(x, W, bias, A, B, scale=0.5), x, A, B)

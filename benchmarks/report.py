@@ -256,6 +256,31 @@ def host_table(rows: list[dict]) -> str:
     return "\n".join([*lines, "", note, ""]) + "\n"
 
 
+def load_peft_train_rows(path: Path) -> list[dict]:
+    """The patched-vs-peft training-step rows (benchmarks/test_peft_patch_bench.py) of a .json or .jsonl file."""
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        rows = [b.get("extra_info") or {} for b in json.loads(text)["benchmarks"]]
+    return [r for r in rows if r.get("kind") == "peft_train"]
+
+
+def peft_train_table(rows: list[dict]) -> str:
+    """A peft model's training step, unpatched vs patch_peft_model (ratio < 1: the patch is faster)."""
+    patched = [r for r in rows if r.get("provider") == "patched"]
+    if not patched:
+        return ""
+    lines = ["## peft training step: patch_peft_model vs peft (forward, backward, AdamW; bf16)", "",
+             "| adapter | model | tokens | peft µs | patched µs | patched / peft | layers patched |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in patched:
+        layers = f"{r.get('patched_layers')} (+{r.get('unpatched_layers')} on peft)"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['M']} | {fmt(r.get('peft_us'), 1)} | {fmt(r['median_us'], 1)} "
+                     f"| {fmt(r.get('ratio'))} | {layers} |")  # fmt: skip
+    return "\n".join([*lines, ""]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="pytest-benchmark JSON (--benchmark-json) or LOWRANK_BENCH_JSONL file")
@@ -270,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows or not host:
         sys.stdout.write(report(rows, env, detail=not args.no_detail))
     sys.stdout.write(host_table(host))
+    sys.stdout.write(peft_train_table(load_peft_train_rows(args.path)))
     return 0
 
 

@@ -90,3 +90,44 @@ def test_adalora_benchmark_providers_compute_the_reference(on_cpu, op, provider)
     case = bench.AdaCase(op, LayerShape("tiny", 80, 72), 5, provider)
     fn, layer = bench._provider_fn(case)
     bench._check(fn(), bench._reference(case, layer), case.id)
+
+
+@pytest.mark.skipif(not HAS_PEFT or importlib.util.find_spec("transformers") is None, reason="needs peft, transformers")
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_patch_benchmark_step_runs_patched(method):
+    """The peft-patch benchmark's model and step, tiny and float64 on the CPU: the patched loss and one training
+    step's adapter gradients equal unpatched peft's, and the report's table lists the row."""
+    import lowrank_kernels as lk
+
+    report, bench = load("report"), load("test_peft_patch_bench")
+    _model, _step = bench._model, bench._step
+
+    models = [_model(method, device="cpu", dtype=torch.float64, hidden=32, mlp=48, heads=4, vocab=64) for _ in (0, 1)]
+    patch = lk.patch_peft_model(models[1])
+    assert len(patch.patched) == 14 and not patch.unpatched  # 7 linear layers a block, 2 blocks: all on our ops
+    ids = torch.randint(0, 64, (2, 8))
+    grads = []
+    for model in models:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad} | {"loss": loss.detach()})
+    for name, g in grads[0].items():
+        assert g is not None and torch.allclose(grads[1][name], g, rtol=1e-9, atol=1e-12), name
+    optimizer = torch.optim.AdamW([p for p in models[1].parameters() if p.requires_grad], lr=1e-3)
+    before = {n: p.detach().clone() for n, p in models[1].named_parameters() if p.requires_grad}
+    _step(models[1], optimizer, ids)()  # the timed step: forward, backward, AdamW, zeroed gradients
+    assert all(p.grad is None for p in models[1].parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in models[1].named_parameters() if p.requires_grad)
+    row = {
+        "kind": "peft_train",
+        "op": method,
+        "shape": "tiny",
+        "M": 16,
+        "provider": "patched",
+        "median_us": 2.0,
+        "peft_us": 4.0,
+        "ratio": 0.5,
+        "patched_layers": 14,
+        "unpatched_layers": 0,
+    }
+    assert f"| {method} | tiny | 16 | 4.0 | 2.0 | 0.50 | 14 (+0 on peft) |" in report.peft_train_table([row])

@@ -375,7 +375,8 @@ def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int,
         u, v, out, meta.sorted_rows, meta.slot_rows, P, Q, seed, p, scale, *u.stride(), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), out.stride(2), HAS_DROPOUT=p_drop > 0.0,
         DOT_PRECISION=dot_precision(torch.float32 if fp32 else u.dtype), BLOCK_M=32, BLOCK_P=block_p,
-        BLOCK_Q=block_q, num_warps=8 if p_drop > 0.0 else 4,  # the mask's hash spills on 4 warps (aot_check)
+        BLOCK_Q=block_q, num_warps=8 if p_drop > 0.0 or fp32 else 4,  # aot_check: on 4 warps the mask's hash
+        # spills, and so do fp32 products on FFMA (a float32 t with 16-bit x: 255 registers, 132-140 STL at 64 x 64)
     )  # fmt: skip
     return out
 

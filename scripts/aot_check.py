@@ -356,7 +356,7 @@ def multi_lora_case(shape, M, n, r, dtype, flags: shapes.LoRAFlags, dora: bool) 
 # The subset's registry: one layer shape (all model shapes are multiples of 16, so they change grids, never what
 # Triton specialises on), the M values where tiles change, and no flag set between none, dropout and all.
 SUBSET_M = (1, 16, 32, 64, 65, 2048, 8192)  # 8192: the dropout shrink's 32-row tiles (M > 4224)
-SUBSET_RANKS = (8, 16, 64, 128, 256)
+SUBSET_RANKS = (8, 16, 32, 64, 128, 256)  # 32: the fused decode's 64-row tiles at rank tile 32 (full sweep)
 SUBSET_MULTI_M = (1, 64, 2048)
 
 

@@ -32,3 +32,11 @@ def seeded_rng():
     """Every test starts from the same torch RNG state, so its random inputs (``torch.randn_like(y)`` gradients) do
     not depend on which tests ran before it: a tolerance that holds once holds every time."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def gemm(request, monkeypatch):
+    """Forces the Triton backend's GEMM strategy for the test (the ``gemm`` parameter of helpers.BACKEND_CASES)."""
+    if request.param is not None:
+        monkeypatch.setenv("LOWRANK_KERNELS_LORA_GEMM", request.param)
+    return request.param

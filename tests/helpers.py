@@ -2,6 +2,7 @@
 
 import importlib.util
 
+import pytest
 import torch
 
 from lowrank_kernels.backend import availability
@@ -26,6 +27,16 @@ def kernel_dtypes(backend: str) -> list[torch.dtype]:
         return [torch.float64, torch.float32]
     return [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.float16]
 
+
+# (backend, dtype, gemm) for every backend and dtype it takes. Above M = 64 the Triton backend has two GEMM
+# strategies (our GEMM with the low-rank epilogue, or cuBLAS and a rank-b addmm / the DoRA epilogue:
+# ops/lora/triton.py's use_cublas_gemm), both tested, forced through the environment by conftest's ``gemm`` fixture.
+BACKEND_CASES = [
+    pytest.param(backend, dtype, gemm, id=f"{backend}{'-' + gemm if gemm else ''}-{str(dtype).removeprefix('torch.')}")
+    for backend in kernel_backends()
+    for gemm in ([None] if backend == "torch" else ["triton", "cublas"])
+    for dtype in kernel_dtypes(backend)
+]
 
 # Relative L2 error allowed against a float64 oracle. float32 Triton dots run in IEEE fp32 ("ieee"), so 1e-5
 # holds; half precision is bounded by input rounding. A dropped rank or term moves the result by >= 10%.

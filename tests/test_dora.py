@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, HAS_CUDA, REL_TOL, kernel_backends, kernel_dtypes, make_lora_inputs, rel_err
+from helpers import BACKEND_CASES, DEVICE, HAS_CUDA, REL_TOL, kernel_backends, make_lora_inputs, rel_err
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -30,22 +30,6 @@ SHAPES = [
     pytest.param(130, 70, 33, 24, 17, id="M130-K70-N33-r24-b17"),
     pytest.param(9, 33, 21, 160, 129, id="M9-K33-N21-r160-b129"),  # rank > 128: two rank chunks in the norm kernel
 ]
-
-# As in test_lora_ops: above M = 64 the Triton backend's forward runs our GEMM or cuBLAS + the DoRA epilogue.
-CASES = [
-    pytest.param(backend, dtype, gemm, id=f"{backend}{'-' + gemm if gemm else ''}-{str(dtype).removeprefix('torch.')}")
-    for backend in kernel_backends()
-    for gemm in ([None] if backend == "torch" else ["triton", "cublas"])
-    for dtype in kernel_dtypes(backend)
-]
-
-
-@pytest.fixture
-def gemm(request, monkeypatch):
-    """Forces the Triton backend's GEMM strategy for the test (the ``gemm`` parameter of CASES)."""
-    if request.param is not None:
-        monkeypatch.setenv("LOWRANK_KERNELS_LORA_GEMM", request.param)
-    return request.param
 
 
 def make_dora_inputs(M, K, N, R, dtype, *, bias=True, lead=(), seed=0):
@@ -103,7 +87,7 @@ def run_and_check(backend, dtype, M, K, N, R, b, *, bias=True, dropout=0.0, froz
     assert torch.count_nonzero(dA[lo:b]) > 0 and torch.count_nonzero(dB[:, lo:b]) > 0
 
 
-@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
+@pytest.mark.parametrize("backend, dtype, gemm", BACKEND_CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M, K, N, R, b", SHAPES)
 def test_forward_backward(backend, dtype, gemm, M, K, N, R, b, poison_empty):
     run_and_check(backend, dtype, M, K, N, R, b)
@@ -122,7 +106,7 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
+@pytest.mark.parametrize("backend, dtype, gemm", BACKEND_CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M, b", [pytest.param(5, 3, id="decode-M5"), pytest.param(70, 6, id="prefill-M70")])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variants(backend, dtype, gemm, M, b, variant, poison_empty):

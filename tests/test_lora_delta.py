@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import REL_TOL, kernel_backends, kernel_dtypes, rel_err
+from helpers import BACKEND_CASES, REL_TOL, kernel_backends, rel_err
 
 from lowrank_kernels import dropout_mask, lora_linear, use_backend
 from lowrank_kernels.ops.lora import delta
@@ -26,21 +26,6 @@ SHAPES = [
     pytest.param(130, 70, 33, 24, 17, id="M130-K70-N33-r24-b17"),
     pytest.param(9, 33, 21, 130, 129, id="M9-K33-N21-r130-b129"),
 ]
-
-CASES = [
-    pytest.param(backend, dtype, gemm, id=f"{backend}{'-' + gemm if gemm else ''}-{str(dtype).removeprefix('torch.')}")
-    for backend in kernel_backends()
-    for gemm in ([None] if backend == "torch" else ["triton", "cublas"])
-    for dtype in kernel_dtypes(backend)
-]
-
-
-@pytest.fixture
-def gemm(request, monkeypatch):
-    """Forces the Triton backend's GEMM strategy (our GEMM, or cuBLAS + an in-place addmm above M = 64)."""
-    if request.param is not None:
-        monkeypatch.setenv("LOWRANK_KERNELS_LORA_GEMM", request.param)
-    return request.param
 
 
 def make_inputs(M, K, N, R, dtype, *, lead=(), rank_scale=False, seed=0):
@@ -113,7 +98,7 @@ def run_and_check(backend, dtype, M, K, N, R, b, *, rank_scale=False, dropout=0.
     return y
 
 
-@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
+@pytest.mark.parametrize("backend, dtype, gemm", BACKEND_CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M, K, N, R, b", SHAPES)
 def test_forward_backward(backend, dtype, gemm, M, K, N, R, b, poison_empty):
     run_and_check(backend, dtype, M, K, N, R, b)
@@ -129,7 +114,7 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
+@pytest.mark.parametrize("backend, dtype, gemm", BACKEND_CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M, K, N, R, b", [SHAPES[1], SHAPES[3]])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variants(backend, dtype, gemm, M, K, N, R, b, variant, poison_empty):
@@ -154,7 +139,7 @@ def strided_views(y_base, x, A, B, v):
     return tuple(t if t is None else t.detach() for t in views)
 
 
-@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
+@pytest.mark.parametrize("backend, dtype, gemm", BACKEND_CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M, K, N, R, b", [SHAPES[1], SHAPES[3]])
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["plain", "dropout"])
 def test_strided_views(backend, dtype, gemm, M, K, N, R, b, dropout, poison_empty):

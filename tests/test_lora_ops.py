@@ -6,7 +6,7 @@ on the device, plus the GPU-marked realistic sizes in bf16 at the bottom.
 
 import pytest
 import torch
-from helpers import HAS_CUDA, REL_TOL, kernel_backends, kernel_dtypes, make_lora_inputs, oracle, rel_err
+from helpers import BACKEND_CASES, HAS_CUDA, REL_TOL, kernel_backends, make_lora_inputs, oracle, rel_err
 
 from lowrank_kernels import dropout_mask, lora_linear, use_backend
 
@@ -23,23 +23,6 @@ SHAPES = [
     pytest.param(7, 16, 16, 1, 1, id="M7-K16-N16-r1-b1"),
     pytest.param(9, 33, 21, 130, 129, id="M9-K33-N21-r130-b129"),  # rank > 128: decode without the fused shrink
 ]
-
-# The Triton backend has two strategies above M = 64 (our GEMM with the low-rank epilogue, or cuBLAS + an in-place
-# rank-b addmm, see kernels.lora.use_cublas_gemm): both are tested, forced through the environment.
-CASES = [
-    pytest.param(backend, dtype, gemm, id=f"{backend}{'-' + gemm if gemm else ''}-{str(dtype).removeprefix('torch.')}")
-    for backend in kernel_backends()
-    for gemm in ([None] if backend == "torch" else ["triton", "cublas"])
-    for dtype in kernel_dtypes(backend)
-]
-
-
-@pytest.fixture
-def gemm(request, monkeypatch):
-    """Forces the Triton backend's GEMM strategy for the test (the ``gemm`` parameter of CASES)."""
-    if request.param is not None:
-        monkeypatch.setenv("LOWRANK_KERNELS_LORA_GEMM", request.param)
-    return request.param
 
 
 def run_and_check(backend, dtype, M, K, N, R, b, *, bias=True, rank_scale=False, dropout=0.0, frozen=False,
@@ -71,7 +54,7 @@ def run_and_check(backend, dtype, M, K, N, R, b, *, bias=True, rank_scale=False,
     return y
 
 
-@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
+@pytest.mark.parametrize("backend, dtype, gemm", BACKEND_CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M, K, N, R, b", SHAPES)
 def test_forward_backward(backend, dtype, gemm, M, K, N, R, b, poison_empty):
     run_and_check(backend, dtype, M, K, N, R, b)
@@ -89,14 +72,14 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
+@pytest.mark.parametrize("backend, dtype, gemm", BACKEND_CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M, b", [pytest.param(5, 3, id="decode-M5"), pytest.param(70, 6, id="prefill-M70")])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variants(backend, dtype, gemm, M, b, variant, poison_empty):
     run_and_check(backend, dtype, M, 37, 29, 8, b, **variant)
 
 
-@pytest.mark.parametrize("backend, dtype, gemm", CASES, indirect=["gemm"])
+@pytest.mark.parametrize("backend, dtype, gemm", BACKEND_CASES, indirect=["gemm"])
 @pytest.mark.parametrize("M", [5, 70])
 def test_strided_input(backend, dtype, gemm, M, poison_empty):
     """A 2-D view with column stride 2 reaches the kernels as is: its strides must be honoured."""

@@ -619,7 +619,7 @@ def compile_all(specs: list[Spec], archs=ARCHS, workers: int | None = None, resu
 
     def done(i: int, arch: int, res: dict) -> None:
         results[(i, arch)] = res
-        if sink:
+        if sink and not res["error"]:  # an error is not kept: it may be the environment's (a tool being reinstalled)
             sink.write(json.dumps(dict(key=result_key(specs[i], arch), result=res)) + "\n")
             sink.flush()
         now = time.perf_counter()

@@ -438,11 +438,11 @@ def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumul
             dtype == torch.float32
             or fused_rank_block > 64
             or fused_rank_block * block_m >= 64 * 64
-            or (block_m >= 64 and fused_rank_block >= 32)
+            or (block_m >= 32 and fused_rank_block >= 32)
         ):
             # The A tile [BLOCK_R, BLOCK_K] rides beside W's and the shrink accumulator [BLOCK_M, BLOCK_R] beside
-            # the output's: past these sizes 128-wide K tiles spill (ptxas, sm_80; 64 rows at rank tile 32 with
-            # the shrink's dropout: 255 registers, 1-2 STL, aot_check full sweep).
+            # the output's: past these sizes 128-wide K tiles spill (ptxas, sm_80; 32-64 rows at rank tile 32-64
+            # with the shrink's dropout: 255 registers, 1-15 STL on sm_80 / sm_90, aot_check full sweep).
             tiles["BLOCK_K"] = 64
     elif dtype == torch.float32:
         tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4)

@@ -385,7 +385,7 @@ def dora_dx(dy, weight, g, t, lora_A, *, scale, rank, p_drop=0.0, seed=0) -> Ten
     dropout = p_drop > 0.0
     # lora_matmul_kernel's tiles with the roles renamed: its BLOCK_N (output columns) is our BLOCK_K and its
     # BLOCK_K (reduction) our BLOCK_N; two accumulators with dropout, as DROPPED_X.
-    tiles = dict(_matmul_tiles(int(M), dy.dtype, 0, two_accumulators=dropout))  # a copy: the cached one is shared
+    tiles = dict(_matmul_tiles(M, dy.dtype, 0, two_accumulators=dropout))  # a copy: the cached one is shared
     tiles["BLOCK_N"], tiles["BLOCK_K"] = tiles["BLOCK_K"], tiles["BLOCK_N"]
     if dropout:  # the mask's hash beside two accumulators spills on 4 warps at BLOCK_M = 16 (ptxas, sm_90)
         tiles["num_warps"] = 8

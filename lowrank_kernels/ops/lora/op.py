@@ -215,7 +215,7 @@ def _lora_bwd(
     backward on its own thread, where the forward's ``use_backend`` context is not visible, so it travels here.
     """
     rank_scale = contiguous_vector(rank_scale)
-    impl = implementation(_lora_bwd_backend(grad_out, x, weight, lora_A, lora_B, rank_scale, *[None] * 8, backend_name))
+    impl = implementation(_lora_bwd_backend(grad_out, x, weight, lora_A, lora_B, rank_scale, backend_name))
     dx, dA, dB, dv = lora_backward(impl, grad_out, x, weight, lora_A, lora_B, rank_scale, xa, scale=scale, rank=rank,
                                    grad_rank_start=grad_rank_start, p_drop=dropout_p, seed=seed_int(seed),
                                    needs_dx=needs_dx, needs_dAB=needs_dAB)  # fmt: skip

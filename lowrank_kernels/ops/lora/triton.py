@@ -419,8 +419,14 @@ def lowrank_epilogue_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1024)  # a pure function of its arguments, on every launch's host path: read, not mutated
 def _matmul_tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumulators: bool = False) -> dict:
+    """``_tiles``, cached (read, never mutated: copy before changing it). ``int(M)``: a traced (dynamic) M is a
+    SymInt, which the cache cannot hash; the tiles specialise on M anyway."""
+    return _tiles(int(M), dtype, fused_rank_block, two_accumulators)
+
+
+@functools.lru_cache(maxsize=1024)  # a pure function of its arguments, on every launch's host path
+def _tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumulators: bool) -> dict:
     """Tiles of lora_matmul_kernel. Untuned first picks (no GPU measured yet, see docs/GPU_NOTES.md).
 
     ``fused_rank_block``: rows of A streamed beside W when the shrink is fused (0 otherwise). The pipeline depth
@@ -467,8 +473,7 @@ def _launch_matmul(x, w, bias, t, u, v, a, y, *, scale, rank, fuse_shrink, p_dro
     block_r = max(16, next_power_of_2(a.shape[0])) if fuse_shrink else rank_block(rank)
     # The dx GEMM's dropout epilogue keeps a second [BLOCK_M, BLOCK_N] fp32 tile (the low-rank term) beside b_acc.
     two_accumulators = xd is not None or epilogue_dropout
-    # int(M): a traced (dynamic) M is a SymInt, which the tile cache cannot hash; the tiles specialise on M anyway.
-    tiles = _matmul_tiles(int(M), x.dtype, block_r if fuse_shrink else 0, two_accumulators=two_accumulators)
+    tiles = _matmul_tiles(M, x.dtype, block_r if fuse_shrink else 0, two_accumulators=two_accumulators)
     grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(N, tiles["BLOCK_N"]),)
     a = a if a is not None else u  # unused when not fusing; any tensor satisfies the signature
     num, den = col_scale if col_scale is not None else (y, y)

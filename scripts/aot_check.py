@@ -6,7 +6,7 @@
     python scripts/aot_check.py --results r.jsonl --time-limit 3600 --out sweep.md   # in pieces: resumable
 
 The whole sweep is ~2,565 specialisations x 2 targets, hours on 2 cores: ``--results`` keeps every compile's
-result in a JSON-lines file (keyed by specialisation, kernel source, target and Triton version) and a later run
+result in a JSON-lines file (keyed by specialisation, kernel code, target and Triton version) and a later run
 compiles only what is missing; ``--time-limit`` starts no new compile past its seconds and the report counts what it
 did not reach. Compiles go in ``compile_order``: the subset's representatives, every other 16-bit specialisation,
 then float32 (the report-only ones, whose spilling tiles are the slowest for ptxas).
@@ -50,7 +50,9 @@ either mode, so the tests (which run under the interpreter) can call it in-proce
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import functools
 import hashlib
 import inspect
 import itertools
@@ -61,6 +63,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -554,11 +557,35 @@ def _compile_job(job: tuple[int, int]) -> tuple[int, int, dict]:
 _JOB_SPECS: list[Spec] = []
 
 
+@functools.cache
+def code_digest(kernel) -> str:
+    """A kernel's code and, recursively, the JIT functions and module constants it names, as ``ast.dump`` without
+    docstrings: a reformatted or re-commented kernel keeps its cached results, any change to what it computes does
+    not (Triton's own ``cache_key`` hashes the source text)."""
+    digest, seen, todo = hashlib.sha256(), set(), [kernel]
+    while todo:
+        fn = getattr(todo.pop(), "fn", None)
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) is not None:
+                node.body = node.body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
+        for name in sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}):
+            value = fn.__globals__.get(name)
+            if hasattr(value, "fn"):  # a JITFunction it calls
+                todo.append(value)
+            elif isinstance(value, int | float | bool | str):
+                digest.update(f"{name}={value!r}".encode())
+    return digest.hexdigest()
+
+
 def result_key(spec: Spec, arch: int) -> str:
-    """What a cached result stands for: the specialisation, the kernel's source (with what it calls: Triton's own
-    ``cache_key``), the target and the Triton version. A changed kernel, tile or option is a new key."""
-    source = getattr(spec.kernel, "cache_key", None) or inspect.getsource(spec.kernel.fn)
-    text = repr((spec.key, source, arch, triton.__version__))
+    """What a cached result stands for: the specialisation, the kernel's code (``code_digest``), the target and the
+    Triton version. A changed kernel, tile or option is a new key; a changed comment, docstring or layout is not."""
+    text = repr((spec.key, code_digest(spec.kernel), arch, triton.__version__))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -196,3 +196,29 @@ def test_enumeration_cache_round_trips_and_knows_its_sources(tmp_path):
     assert count_again == count and [s.key for s in again] == [s.key for s in specs]
     assert all(b.kernel is a.kernel for a, b in zip(specs, again, strict=True))  # the kernels looked up again
     assert aot_check._enumeration_key(True, cases) != aot_check._enumeration_key(True, cases + " gemm=auto")
+
+
+def test_results_key_ignores_layout_comments_and_docstrings_not_code(tmp_path):
+    """A cached result stays valid when a kernel is reformatted or re-documented, and only then: a changed body, a
+    changed JIT helper it calls or a changed module constant it reads is a new key."""
+    helper = "@triton.jit\ndef helper(x):\n    return x * {factor}\n"
+    kernel = "@triton.jit\ndef add_kernel(x_ptr, n, BLOCK: tl.constexpr):\n{doc}    o = tl.arange(0, BLOCK){op}\n"
+    kernel += "    tl.store(x_ptr + o, helper(tl.load(x_ptr + o, mask=o < n)) + LIMIT, mask=o < n)\n"
+    variants = {
+        "base": dict(factor=2, doc="", op="", limit=1, layout=""),
+        "relaid": dict(factor=2, doc='    """Doubles x."""\n', op="  # the lanes", limit=1, layout="\n\n# comment\n"),
+        "body": dict(factor=2, doc="", op=" + 1", limit=1, layout=""),
+        "helper": dict(factor=3, doc="", op="", limit=1, layout=""),
+        "constant": dict(factor=2, doc="", op="", limit=2, layout=""),
+    }
+    digests = {}
+    for name, v in variants.items():
+        path = tmp_path / f"aot_digest_{name}.py"
+        path.write_text("import triton\nimport triton.language as tl\n" + v["layout"] + f"LIMIT = {v['limit']}\n"
+                        + helper.format(**v) + kernel.format(**v))  # fmt: skip
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        digests[name] = aot_check.code_digest(module.add_kernel)
+    assert digests["relaid"] == digests["base"]
+    assert len({digests[k] for k in ("base", "body", "helper", "constant")}) == 4

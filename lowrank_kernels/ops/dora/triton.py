@@ -40,33 +40,13 @@ __all__ = ["fused_forward", "lowrank_matmul", "shrink", "weight_grad"]  # LoRA's
 
 @triton.jit
 def dora_norm_kernel(
-    w_ptr,
-    a_ptr,
-    b_ptr,
-    gram_ptr,
-    w0sq_ptr,
-    norm_ptr,
-    N,
-    K,
-    rank,
-    scale,
-    cancel_fraction,
-    stride_wn,
-    stride_wk,
-    stride_ar,
-    stride_ak,
-    stride_bn,
-    stride_br,
-    stride_gi,
-    stride_gj,
-    HAS_W0SQ: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    w_ptr, a_ptr, b_ptr, gram_ptr, w0sq_ptr, norm_ptr,
+    N, K, rank, scale, cancel_fraction,
+    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_gi, stride_gj,
+    HAS_W0SQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_K_DIRECT: tl.constexpr,
-):
+):  # fmt: skip
     """norm[n] = sqrt(||W_n||^2 + 2 s <B_n, U_n> + s^2 B_n G B_n^T), U = W A[:rank]^T, fp32.
 
     W: [N, K], A: [R, K], B: [N, R], G: [rank, rank] float32 = A[:rank] A[:rank]^T, w0sq: [N] float32 (HAS_W0SQ;
@@ -147,29 +127,12 @@ def dora_norm_kernel(
 
 @triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def dora_dropout_shrink_kernel(
-    x_ptr,
-    a_ptr,
-    xd_ptr,
-    t_ptr,
-    seed,
-    M,
-    K,
-    R,
-    rank,
-    p_drop,
-    stride_xm,
-    stride_xk,
-    stride_ar,
-    stride_ak,
-    stride_xdm,
-    stride_xdk,
-    stride_tm,
-    stride_tr,
+    x_ptr, a_ptr, xd_ptr, t_ptr,
+    seed, M, K, R, rank, p_drop,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_xdm, stride_xdk, stride_tm, stride_tr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
     """xd = x * keep (dropped entries zeroed, not rescaled: exact in any dtype), written by rank block 0, and
     t[m, r] = sum_k drop(x)[m, k] A[r, k] for r < rank, 0 for rank <= r < R (float32, 1/(1-p) applied).
 
@@ -203,37 +166,12 @@ def dora_dropout_shrink_kernel(
 
 @triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def dora_dx_kernel(
-    dy_ptr,
-    w_ptr,
-    g_ptr,
-    t_ptr,
-    a_ptr,
-    dx_ptr,
-    seed,
-    M,
-    N,
-    K,
-    rank,
-    scale,
-    p_drop,
-    stride_dym,
-    stride_dyn,
-    stride_wn,
-    stride_wk,
-    stride_tm,
-    stride_tr,
-    stride_ar,
-    stride_ak,
-    stride_dxm,
-    stride_dxk,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    dy_ptr, w_ptr, g_ptr, t_ptr, a_ptr, dx_ptr,
+    seed, M, N, K, rank, scale, p_drop,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_tm, stride_tr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """DoRA's input gradient, fp32 accumulation:
 
         dx = (dy * g) W + scale * t[:, :rank] A[:rank]                              without dropout
@@ -290,21 +228,11 @@ def dora_dx_kernel(
 
 @triton.jit
 def col_dot_kernel(
-    p_ptr,
-    q_ptr,
-    out_ptr,
-    M,
-    N,
-    rows_per_split,
-    stride_pm,
-    stride_pn,
-    stride_qm,
-    stride_qn,
-    stride_os,
-    stride_on,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    p_ptr, q_ptr, out_ptr,
+    M, N, rows_per_split,
+    stride_pm, stride_pn, stride_qm, stride_qn, stride_os, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """out[s, n] = sum_{m in split s} p[m, n] * q[m, n] in fp32; p, q: [M, N], out: [splits, N] float32 (summed over
     s by the launcher: deterministic). DoRA's magnitude gradient ``sum_rows(dy * z)``. Grid: (cdiv(N, BLOCK_N), splits).
     """

@@ -61,15 +61,10 @@ def use_cublas_gemm(M: int) -> bool:
 @triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def dropout_mask_kernel(
     out_ptr,
-    seed,
-    M,
-    K,
-    p_drop,
-    stride_om,
-    stride_ok,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    seed, M, K, p_drop,
+    stride_om, stride_ok,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     """Materialise the dropout mask the other kernels apply (tests and debugging only)."""
     o_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -80,27 +75,12 @@ def dropout_mask_kernel(
 
 @triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def lora_shrink_kernel(
-    x_ptr,
-    a_ptr,
-    t_ptr,
-    seed,
-    M,
-    K,
-    R,
-    rank,
-    p_drop,
-    stride_xm,
-    stride_xk,
-    stride_ar,
-    stride_ak,
-    stride_tm,
-    stride_tr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
+    x_ptr, a_ptr, t_ptr,
+    seed, M, K, R, rank, p_drop,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
     """t[m, r] = sum_k drop(x)[m, k] A[r, k] for r < rank, 0 for rank <= r < R; t is float32 [M, R].
 
     Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)).
@@ -132,56 +112,15 @@ def lora_shrink_kernel(
 
 @triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def lora_matmul_kernel(
-    x_ptr,
-    w_ptr,
-    bias_ptr,
-    t_ptr,
-    u_ptr,
-    v_ptr,
-    a_ptr,
-    y_ptr,
-    cs_num_ptr,
-    cs_den_ptr,
-    xd_ptr,
-    z_ptr,
-    seed,
-    M,
-    N,
-    K,
-    rank,
-    scale,
-    p_drop,
-    stride_xm,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    stride_tm,
-    stride_tr,
-    stride_un,
-    stride_ur,
-    stride_ar,
-    stride_ak,
-    stride_ym,
-    stride_yn,
-    stride_xdm,
-    stride_xdk,
-    stride_zm,
-    stride_zn,
-    HAS_BIAS: tl.constexpr,
-    HAS_RANK_SCALE: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr,
-    SHRINK_DROPOUT: tl.constexpr,
-    EPILOGUE_DROPOUT: tl.constexpr,
-    HAS_COL_SCALE: tl.constexpr,
-    DROPPED_X: tl.constexpr,
-    STORE_Z: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, t_ptr, u_ptr, v_ptr, a_ptr, y_ptr, cs_num_ptr, cs_den_ptr, xd_ptr, z_ptr,
+    seed, M, N, K, rank, scale, p_drop,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_un, stride_ur, stride_ar, stride_ak,
+    stride_ym, stride_yn, stride_xdm, stride_xdk, stride_zm, stride_zn,
+    HAS_BIAS: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, FUSE_SHRINK: tl.constexpr, SHRINK_DROPOUT: tl.constexpr,
+    EPILOGUE_DROPOUT: tl.constexpr, HAS_COL_SCALE: tl.constexpr, DROPPED_X: tl.constexpr, STORE_Z: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """y = x W^T (+ bias) + scale * ((t * v)[:, :rank] U[:, :rank]^T) [* dropout mask], fp32 accumulation.
 
     x: [M, K], W: [N, K], U: [N, >=rank], t: [M, >=rank] float32, v: [>=rank], y: [M, N].
@@ -296,32 +235,12 @@ def lora_matmul_kernel(
 
 @triton.jit(do_not_specialize=["seed"])  # an int equal to 1 would become a constexpr
 def lora_weight_grad_kernel(
-    t_ptr,
-    x_ptr,
-    v_ptr,
-    out_ptr,
-    seed,
-    M,
-    K,
-    rank_start,
-    rank,
-    rows_per_split,
-    scale,
-    p_drop,
-    stride_tm,
-    stride_tr,
-    stride_xm,
-    stride_xk,
-    stride_os,
-    stride_or,
-    stride_ok,
-    HAS_RANK_SCALE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
+    t_ptr, x_ptr, v_ptr, out_ptr,
+    seed, M, K, rank_start, rank, rows_per_split, scale, p_drop,
+    stride_tm, stride_tr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
+    HAS_RANK_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
     """out[s, r - rank_start, k] = scale * v[r] * sum_{m in split s} t[m, r] drop(x)[m, k], rank_start <= r < rank.
 
     t: [M, >=rank] float32, x: [M, K], out: [splits, rank - rank_start, K] float32 (summed over s by the launcher).
@@ -357,32 +276,12 @@ def lora_weight_grad_kernel(
 
 @triton.jit
 def lowrank_epilogue_kernel(
-    y_ptr,
-    t_ptr,
-    u_ptr,
-    num_ptr,
-    den_ptr,
-    bias_ptr,
-    z_ptr,
-    M,
-    N,
-    rank,
-    scale,
-    stride_ym,
-    stride_yn,
-    stride_tm,
-    stride_tr,
-    stride_un,
-    stride_ur,
-    stride_zm,
-    stride_zn,
-    HAS_BIAS: tl.constexpr,
-    STORE_Z: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
+    y_ptr, t_ptr, u_ptr, num_ptr, den_ptr, bias_ptr, z_ptr,
+    M, N, rank, scale,
+    stride_ym, stride_yn, stride_tm, stride_tr, stride_un, stride_ur, stride_zm, stride_zn,
+    HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
     """In place after cuBLAS: z = y + scale * t[:, :rank] U[:, :rank]^T, y = g * z + bias, g = num / den (fp32).
 
     y: [M, N] (holds x W0^T), t: [M, >=rank] float32, U: [N, >=rank], num, den, bias: [N]; z: [M, N] (STORE_Z).

@@ -37,32 +37,12 @@ from .naive import BatchTensors
 
 @triton.jit(do_not_specialize=["seed"])
 def multi_lora_shrink_kernel(
-    x_ptr,
-    a_ptr,
-    t_ptr,
-    sorted_rows_ptr,
-    row_rank_ptr,
-    row_scale_ptr,
-    tiles_ptr,
-    K,
-    k_per_split,
-    seed,
-    p_drop,
-    drop_scale,
-    stride_xm,
-    stride_xk,
-    stride_as,
-    stride_ar,
-    stride_ak,
-    stride_ts,
-    stride_tm,
-    stride_tr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
+    x_ptr, a_ptr, t_ptr, sorted_rows_ptr, row_rank_ptr, row_scale_ptr, tiles_ptr,
+    K, k_per_split, seed, p_drop, drop_scale,
+    stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_ts, stride_tm, stride_tr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
     """t[split, row, r] = s[row] sum_{k in split} drop(x)[row, k] A[slot, r, k] (0 for r >= rank[row]).
 
     Tile ``(slot, start, end, tile_rank)`` covers sorted positions ``[start, end)``, rows ``sorted_rows[p]``; t is
@@ -107,45 +87,14 @@ def multi_lora_shrink_kernel(
 
 @triton.jit(do_not_specialize=["seed", "num_splits"])  # a loop bound read as a tensor; 1 would become a constexpr
 def multi_lora_expand_kernel(
-    t_ptr,
-    b_ptr,
-    y_ptr,
-    bias_ptr,
-    g_ptr,
-    dora_ptr,
-    yd_ptr,
-    z_ptr,
-    sorted_rows_ptr,
-    tiles_ptr,
-    N,
-    num_splits,
-    seed,
-    p_drop,
-    drop_scale,
-    stride_ts,
-    stride_tm,
-    stride_tr,
-    stride_bs,
-    stride_bn,
-    stride_br,
-    stride_ym,
-    stride_yn,
-    stride_gs,
-    stride_gn,
-    stride_ydm,
-    stride_ydn,
-    stride_zm,
-    stride_zn,
-    HAS_BIAS: tl.constexpr,
-    HAS_DORA: tl.constexpr,
-    HAS_YD: tl.constexpr,
-    SAVE_Z: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
+    t_ptr, b_ptr, y_ptr, bias_ptr, g_ptr, dora_ptr, yd_ptr, z_ptr, sorted_rows_ptr, tiles_ptr,
+    N, num_splits, seed, p_drop, drop_scale,
+    stride_ts, stride_tm, stride_tr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn, stride_gs, stride_gn,
+    stride_ydm, stride_ydn, stride_zm, stride_zn,
+    HAS_BIAS: tl.constexpr, HAS_DORA: tl.constexpr, HAS_YD: tl.constexpr, SAVE_Z: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
     """y[row] += low = t[row, :tile_rank] B[slot, :, :tile_rank]^T, in place (``naive.segment_expand``).
 
     t: float32 [num_splits, M, R], the shrink's K-split partials, summed here (serving reads them unreduced).
@@ -213,29 +162,12 @@ def multi_lora_expand_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def segment_weight_grad_kernel(
-    u_ptr,
-    v_ptr,
-    out_ptr,
-    sorted_rows_ptr,
-    slot_rows_ptr,
-    P,
-    Q,
-    seed,
-    p_drop,
-    drop_scale,
-    stride_um,
-    stride_up,
-    stride_vm,
-    stride_vq,
-    stride_os,
-    stride_op,
-    stride_oq,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-):
+    u_ptr, v_ptr, out_ptr, sorted_rows_ptr, slot_rows_ptr,
+    P, Q, seed, p_drop, drop_scale,
+    stride_um, stride_up, stride_vm, stride_vq, stride_os, stride_op, stride_oq,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):  # fmt: skip
     """out[slot, p, q] = sum over the slot's segment of u[row, p] drop(v)[row, q], fp32, one program per tile.
 
     The segment ``[start, end)`` of ``sorted_rows`` is walked BLOCK_M rows at a time in order (deterministic); an

@@ -86,9 +86,11 @@ def ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def strides(t: Tensor | None) -> tuple[int, int]:
-    """A 2-D operand's (row, column) strides in elements; (0, 0) for an absent one."""
-    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+def operand(name: str, t: Tensor | None) -> dict[str, int]:
+    """An operand as the bindings take it: its address ``name`` and element strides ``name_s0``, ``name_s1``, ...
+    (an absent optional operand: a 2-D one at address 0, strides 0)."""
+    strides = (0, 0) if t is None else t.stride()
+    return {name: ptr(t)} | {f"{name}_s{i}": s for i, s in enumerate(strides)}
 
 
 def check_device(device: torch.device, **tensors: Tensor | None) -> None:
@@ -158,14 +160,10 @@ def gemm(
         check_f32_vector(f"gemm {name}", v, n)
     check_device(c.device, a=a, b=b, cin=cin, k_scale=k_scale, row_scale=row_scale, col_scale=col_scale,
                  post_scale=post_scale, bias=bias)  # fmt: skip
-    (a_s0, a_s1), (b_s0, b_s1), (c_s0, c_s1), (cin_s0, cin_s1) = strides(a), strides(b), strides(c), strides(cin)
     runtime(c.device)(
         "gemm",
-        M=M, N=N, K=K,
-        a=a.data_ptr(), a_dtype=code(a), a_s0=a_s0, a_s1=a_s1,
-        b=b.data_ptr(), b_dtype=code(b), b_s0=b_s0, b_s1=b_s1,
-        c=c.data_ptr(), c_dtype=code(c), c_s0=c_s0, c_s1=c_s1,
-        alpha=float(alpha), cin=ptr(cin), cin_s0=cin_s0, cin_s1=cin_s1, beta=float(beta),
+        M=M, N=N, K=K, **operand("a", a), a_dtype=code(a), **operand("b", b), b_dtype=code(b),
+        **operand("c", c), c_dtype=code(c), alpha=float(alpha), **operand("cin", cin), beta=float(beta),
         k_scale=ptr(k_scale), row_scale=ptr(row_scale), col_scale=ptr(col_scale), post_scale=ptr(post_scale),
         bias=ptr(bias),
         mask_on=MASK_NONE if mask is None else mask.operand, seed=0 if mask is None else mask.seed,
@@ -181,14 +179,9 @@ def dropout_combine(base: Tensor | None, src: Tensor, out: Tensor, *, scale_kept
         if t is not None and (tuple(t.shape) != (M, K) or t.dtype != src.dtype):
             raise ValueError(f"dropout_combine operands must all be [{M}, {K}] {src.dtype}")
     check_device(out.device, base=base, src=src)
-    (base_s0, base_s1), (src_s0, src_s1), (out_s0, out_s1) = strides(base), strides(src), strides(out)
     runtime(out.device)(
-        "dropout_combine",
-        dtype=code(src), M=M, K=K,
-        base=ptr(base), base_s0=base_s0, base_s1=base_s1,
-        src=src.data_ptr(), src_s0=src_s0, src_s1=src_s1,
-        out=out.data_ptr(), out_s0=out_s0, out_s1=out_s1,
-        scale_kept=scale_kept, seed=int(seed) & 0xFFFFFFFF, p=float(p),
+        "dropout_combine", dtype=code(src), M=M, K=K, **operand("base", base), **operand("src", src),
+        **operand("out", out), scale_kept=scale_kept, seed=int(seed) & 0xFFFFFFFF, p=float(p),
     )  # fmt: skip
 
 
@@ -201,19 +194,9 @@ def dora_dropout_output(base: Tensor, z: Tensor, dz: Tensor, *, dz_scale: float,
             raise ValueError(f"dora_dropout_output {name} must be [{M}, {N}] {base.dtype}, got {tuple(t.shape)}")
     check_f32_vector("dora_dropout_output g", g, N)
     check_device(out.device, base=base, z=z, dz=dz, g=g)
-    (base_s0, base_s1), (z_s0, z_s1), (dz_s0, dz_s1), (out_s0, out_s1) = (
-        strides(base),
-        strides(z),
-        strides(dz),
-        strides(out),
-    )
     runtime(out.device)(
-        "dora_dropout_output",
-        dtype=code(base), M=M, N=N,
-        base=base.data_ptr(), base_s0=base_s0, base_s1=base_s1,
-        z=z.data_ptr(), z_s0=z_s0, z_s1=z_s1,
-        dz=dz.data_ptr(), dz_s0=dz_s0, dz_s1=dz_s1, dz_scale=float(dz_scale),
-        g=g.data_ptr(), out=out.data_ptr(), out_s0=out_s0, out_s1=out_s1,
+        "dora_dropout_output", dtype=code(base), M=M, N=N, **operand("base", base), **operand("z", z),
+        **operand("dz", dz), dz_scale=float(dz_scale), g=g.data_ptr(), **operand("out", out),
     )  # fmt: skip
 
 
@@ -224,9 +207,7 @@ def col_dot(p: Tensor, q: Tensor) -> Tensor:
         raise ValueError(f"col_dot operands must match: {tuple(p.shape)} {p.dtype} vs {tuple(q.shape)} {q.dtype}")
     check_device(p.device, q=q)
     out = torch.empty(N, device=p.device, dtype=torch.float32)
-    (p_s0, p_s1), (q_s0, q_s1) = strides(p), strides(q)
-    runtime(p.device)("col_dot", dtype=code(p), M=M, N=N, p=p.data_ptr(), p_s0=p_s0, p_s1=p_s1, q=q.data_ptr(),
-                      q_s0=q_s0, q_s1=q_s1, out=out.data_ptr())  # fmt: skip
+    runtime(p.device)("col_dot", dtype=code(p), M=M, N=N, **operand("p", p), **operand("q", q), out=out.data_ptr())
     return out
 
 
@@ -246,13 +227,10 @@ def dora_norm_finish(weight: Tensor, w0sq: Tensor | None, b: Tensor, c: Tensor, 
     check_device(weight.device, w0sq=w0sq, b=b, c=c, q=q)
     norm_sq = torch.empty(N, device=weight.device, dtype=torch.float32)
     reference_sq = torch.empty(N, device=weight.device, dtype=torch.float32)
-    (w_s0, w_s1), (b_s0, b_s1), (c_s0, c_s1), (q_s0, q_s1) = strides(weight), strides(b), strides(c), strides(q)
     runtime(weight.device)(
-        "dora_norm_finish",
-        dtype=code(weight), N=N, K=K, rank=rank,
-        w=weight.data_ptr(), w_s0=w_s0, w_s1=w_s1, w0sq=ptr(w0sq),
-        b=b.data_ptr(), b_s0=b_s0, b_s1=b_s1, c=c.data_ptr(), c_s0=c_s0, c_s1=c_s1, q=q.data_ptr(), q_s0=q_s0,
-        q_s1=q_s1, norm_sq=norm_sq.data_ptr(), reference_sq=reference_sq.data_ptr(),
+        "dora_norm_finish", dtype=code(weight), N=N, K=K, rank=rank, **operand("w", weight), w0sq=ptr(w0sq),
+        **operand("b", b), **operand("c", c), **operand("q", q), norm_sq=norm_sq.data_ptr(),
+        reference_sq=reference_sq.data_ptr(),
     )  # fmt: skip
     return norm_sq, reference_sq
 
@@ -262,6 +240,5 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.devi
     M, K = shape
     device = torch.device(device)
     out = torch.empty(M, K, device=device, dtype=torch.float32)
-    runtime(device)("dropout_mask", M=M, K=K, out=out.data_ptr(), out_s0=out.stride(0), out_s1=out.stride(1),
-                    seed=int(seed) & 0xFFFFFFFF, p=float(p))  # fmt: skip
+    runtime(device)("dropout_mask", M=M, K=K, **operand("out", out), seed=int(seed) & 0xFFFFFFFF, p=float(p))
     return out

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..._cuda_ext import check_inputs, code, dropout_combine, ptr, runtime, vector
+from ..._cuda_ext import check_inputs, code, dropout_combine, operand, ptr, runtime, vector
 from ..lora.naive import keep_factor
 from .naive import BatchTensors, dora_epilogue
 
@@ -44,22 +44,14 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_sl
                          f"{magnitude_scale.dtype}")  # fmt: skip
     check_metadata(M, x.device, row_slot=(row_slot, torch.int32, M), row_rank=(row_rank, torch.int32, M),
                     row_scale=(row_scale, torch.float32, M), dora_slots=(dora_slots, torch.int32, n_slots))  # fmt: skip
-    rt = runtime(x.device)
     y = F.linear(x, weight, bias)
     if M == 0 or n_slots == 0 or R == 0:
         return y
+    slot_rows = torch.zeros(n_slots, 2, dtype=torch.int32, device=x.device)  # unread by the forward
+    meta = BatchTensors(row_slot, row_rank, row_scale, sorted_rows, tiles, slot_rows, block_m)
     t = torch.empty(M, R, device=x.device, dtype=torch.float32)  # rows without adapter: never written, never read
-    dtype = code(x)
-    rt("multi_lora_shrink", dtype=dtype, M=M, K=K, capacity=n_slots, max_rank=R, x=x.data_ptr(), x_s0=x.stride(0),
-       x_s1=x.stride(1), a=lora_A.data_ptr(), a_s0=lora_A.stride(0), a_s1=lora_A.stride(1), a_s2=lora_A.stride(2),
-       row_slot=row_slot.data_ptr(), row_rank=row_rank.data_ptr(), row_scale=row_scale.data_ptr(), t=t.data_ptr(),
-       t_s0=t.stride(0), t_s1=t.stride(1))  # fmt: skip
-    bias32 = vector(bias, N, "bias")
-    rt("multi_lora_expand", dtype=dtype, M=M, N=N, capacity=n_slots, max_rank=R, t=t.data_ptr(), t_s0=t.stride(0),
-       t_s1=t.stride(1), b=lora_B.data_ptr(), b_s0=lora_B.stride(0), b_s1=lora_B.stride(1), b_s2=lora_B.stride(2),
-       row_slot=row_slot.data_ptr(), row_rank=row_rank.data_ptr(), dora_slots=dora_slots.data_ptr(),
-       g=magnitude_scale.data_ptr(), g_s0=magnitude_scale.stride(0), g_s1=magnitude_scale.stride(1),
-       bias=ptr(bias32), y=y.data_ptr(), y_s0=y.stride(0), y_s1=y.stride(1))  # fmt: skip
+    _shrink_launch(x, lora_A, meta, t)
+    _expand_launch(y, t, lora_B, meta, magnitude_scale, dora_slots, bias)
     return y
 
 
@@ -68,11 +60,11 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, magnitude_scale, dora_sl
 
 def _shrink_launch(x: Tensor, a: Tensor, meta: BatchTensors, t: Tensor) -> None:
     n_slots, R, K = a.shape
-    rt = runtime(x.device)
-    rt("multi_lora_shrink", dtype=code(x), M=x.shape[0], K=K, capacity=n_slots, max_rank=R, x=x.data_ptr(),
-       x_s0=x.stride(0), x_s1=x.stride(1), a=a.data_ptr(), a_s0=a.stride(0), a_s1=a.stride(1), a_s2=a.stride(2),
-       row_slot=meta.row_slot.data_ptr(), row_rank=meta.row_rank.data_ptr(), row_scale=meta.row_scale.data_ptr(),
-       t=t.data_ptr(), t_s0=t.stride(0), t_s1=t.stride(1))  # fmt: skip
+    runtime(x.device)(
+        "multi_lora_shrink", dtype=code(x), M=x.shape[0], K=K, capacity=n_slots, max_rank=R, **operand("x", x),
+        **operand("a", a), row_slot=meta.row_slot.data_ptr(), row_rank=meta.row_rank.data_ptr(),
+        row_scale=meta.row_scale.data_ptr(), **operand("t", t),
+    )  # fmt: skip
 
 
 def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
@@ -98,11 +90,11 @@ def _expand_launch(y: Tensor, t: Tensor, u: Tensor, meta: BatchTensors, g: Tenso
     M, N = y.shape
     n_slots, _, R = u.shape
     bias32 = vector(bias, N, "bias")
-    runtime(y.device)("multi_lora_expand", dtype=code(y), M=M, N=N, capacity=n_slots, max_rank=R, t=t.data_ptr(),
-                      t_s0=t.stride(0), t_s1=t.stride(1), b=u.data_ptr(), b_s0=u.stride(0), b_s1=u.stride(1),
-                      b_s2=u.stride(2), row_slot=meta.row_slot.data_ptr(), row_rank=meta.row_rank.data_ptr(),
-                      dora_slots=dora_slots.data_ptr(), g=g.data_ptr(), g_s0=g.stride(0), g_s1=g.stride(1),
-                      bias=ptr(bias32), y=y.data_ptr(), y_s0=y.stride(0), y_s1=y.stride(1))  # fmt: skip
+    runtime(y.device)(
+        "multi_lora_expand", dtype=code(y), M=M, N=N, capacity=n_slots, max_rank=R, **operand("t", t),
+        **operand("b", u), row_slot=meta.row_slot.data_ptr(), row_rank=meta.row_rank.data_ptr(),
+        dora_slots=dora_slots.data_ptr(), **operand("g", g), bias=ptr(bias32), **operand("y", y),
+    )  # fmt: skip
 
 
 def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None, bias=None, yd=None,
@@ -146,9 +138,9 @@ def segment_weight_grad(u: Tensor, v: Tensor, meta: BatchTensors, capacity: int,
     M, P = u.shape
     Q = v.shape[1]
     out = torch.empty(capacity, P, Q, device=u.device, dtype=torch.float32)
-    runtime(u.device)("multi_lora_segment_grad", u_dtype=code(u), v_dtype=code(v), M=M, P=P, Q=Q, capacity=capacity,
-                      u=u.data_ptr(), u_s0=u.stride(0), u_s1=u.stride(1), v=v.data_ptr(), v_s0=v.stride(0),
-                      v_s1=v.stride(1), sorted_rows=meta.sorted_rows.data_ptr(), slot_rows=meta.slot_rows.data_ptr(),
-                      seed=int(seed) & 0xFFFFFFFF, p=float(p_drop), out=out.data_ptr(), out_s0=out.stride(0),
-                      out_s1=out.stride(1), out_s2=out.stride(2))  # fmt: skip
+    runtime(u.device)(
+        "multi_lora_segment_grad", u_dtype=code(u), v_dtype=code(v), M=M, P=P, Q=Q, capacity=capacity,
+        **operand("u", u), **operand("v", v), sorted_rows=meta.sorted_rows.data_ptr(),
+        slot_rows=meta.slot_rows.data_ptr(), seed=int(seed) & 0xFFFFFFFF, p=float(p_drop), **operand("out", out),
+    )  # fmt: skip
     return out

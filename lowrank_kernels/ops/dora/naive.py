@@ -49,17 +49,8 @@ __all__ = ["lowrank_matmul", "shrink", "weight_grad"]  # the LoRA primitives DoR
 _ROW_CHUNK = 1024  # rows per step in weight_norm_sq: a low-precision W0 is never upcast whole
 
 
-def dora_linear_ref(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    magnitude: Tensor,
-    scale: float,
-    rank: int | None = None,
-    dropout_mask: Tensor | None = None,
-) -> Tensor:
+def dora_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                    scale: float, rank: int | None = None, dropout_mask: Tensor | None = None) -> Tensor:  # fmt: skip
     """Unfused DoRA forward (peft's formula), differentiable by autograd; the row norm is detached.
 
     x: [..., K], weight: [N, K], bias: [N] | None, lora_A: [R, K], lora_B: [N, R], magnitude: [N],
@@ -71,14 +62,11 @@ def dora_linear_ref(
     g = magnitude / weight_norm
     x_adapter = x if dropout_mask is None else x * dropout_mask
     low_rank = scale * ((x_adapter @ A.t()) @ B.t())
+    base = torch.nn.functional.linear(x, weight)
     if dropout_mask is None:
-        y = g * (torch.nn.functional.linear(x, weight) + low_rank)
+        y = g * (base + low_rank)
     else:
-        y = (
-            torch.nn.functional.linear(x, weight)
-            + (g - 1) * torch.nn.functional.linear(x_adapter, weight)
-            + g * low_rank
-        )
+        y = base + (g - 1) * torch.nn.functional.linear(x_adapter, weight) + g * low_rank
     return y if bias is None else y + bias
 
 

@@ -110,9 +110,8 @@ def dora_backward(impl, dy, x, weight, lora_A, lora_B, magnitude, weight_norm, x
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _dora_norm(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_norm_sq: Tensor | None, scale: float, rank: int
-) -> Tensor:
+def _dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_norm_sq: Tensor | None, scale: float,
+               rank: int) -> Tensor:  # fmt: skip
     """[N] = ||W0 + scale B[:, :rank] A[:rank]||_row in float32 (float64 for float64 inputs); no gradient.
 
     ``weight_norm_sq``: [N] ``||W0_n||^2`` in that dtype (a cache; None: computed in the same pass over W0).
@@ -133,21 +132,9 @@ def _dora_norm_fake(weight, lora_A, lora_B, weight_norm_sq, scale, rank):
 dora_norm = register_op("dora_norm", _dora_norm, _dora_norm_fake, _dora_norm_backend)
 
 
-def _dora_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    magnitude: Tensor,
-    weight_norm: Tensor,
-    scale: float,
-    rank: int,
-    grad_rank_start: int,
-    dropout_p: float,
-    seed: Tensor | None,
-    save_z: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _dora_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+              weight_norm: Tensor, scale: float, rank: int, grad_rank_start: int, dropout_p: float, seed: Tensor | None,
+              save_z: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """x: [M, K] -> (y [M, N], xa [M, R] float32, z [M, N] if save_z else empty [0]).
 
     ``weight_norm`` [N] is the detached row norm (``dora_norm``); ``grad_rank_start`` is only read by the backward.
@@ -174,26 +161,10 @@ def _dora_fwd_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scal
 dora_fwd = register_op("dora_fwd", _dora_fwd, _dora_fwd_fake, _dora_fwd_backend)
 
 
-def _dora_bwd(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    magnitude: Tensor,
-    weight_norm: Tensor,
-    xa: Tensor,
-    z: Tensor,
-    scale: float,
-    rank: int,
-    grad_rank_start: int,
-    dropout_p: float,
-    seed: Tensor | None,
-    needs_dx: bool,
-    needs_dAB: bool,
-    needs_dm: bool,
-    backend_name: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _dora_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+              weight_norm: Tensor, xa: Tensor, z: Tensor, scale: float, rank: int, grad_rank_start: int,
+              dropout_p: float, seed: Tensor | None, needs_dx: bool, needs_dAB: bool, needs_dm: bool,
+              backend_name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dA, dB, dm), each an empty [0] tensor unless needed; ``z`` is the forward's (empty unless needs_dm).
 
     ``backend_name``: the backend the forward was asked to use ("" for the automatic choice); autograd runs a CUDA

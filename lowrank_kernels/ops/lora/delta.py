@@ -35,10 +35,9 @@ from ... import backend
 from ..._checks import (
     check_dropout,
     check_like,
-    check_rank,
+    check_lora_inputs,
     check_scale,
     check_tensor,
-    check_vector,
     once_per_signature,
     seed_int,
     seed_tensor,
@@ -150,23 +149,15 @@ _EagerLoRADelta = register_autograd(lora_delta_fwd, _lora_delta_fwd, _backward, 
 
 @once_per_signature
 def check_lora_delta_inputs(y_base, x, lora_A, lora_B, rank_scale, rank) -> int:
-    """Validate the adapter term's tensors (x: [..., K], lora_A: [R, K], lora_B: [N, R], y_base: [..., N] with x's
-    leading shape | None, rank_scale: [R] | None) and active rank; returns the active rank (R when ``rank`` is None)."""
-    check_tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is in_features)")
-    check_tensor("lora_A", lora_A, ndim=2)
-    check_tensor("lora_B", lora_B, ndim=2)
-    R, K = lora_A.shape
-    N = lora_B.shape[0]
-    if x.shape[-1] != K:
+    """``check_lora_inputs`` with no base weight (x: [..., K], lora_A: [R, K], lora_B: [N, R], rank_scale: [R] | None)
+    and y_base: [..., N] with x's leading shape | None; returns the active rank (R when ``rank`` is None)."""
+    for name, t, ndim in (("x", x, None), ("lora_A", lora_A, 2), ("lora_B", lora_B, 2)):
+        check_tensor(name, t, ndim=ndim)
+    (N, _), (_, K) = lora_B.shape, lora_A.shape
+    if x.dim() >= 1 and x.shape[-1] != K:  # said here: check_lora_inputs would name the stand-in weight
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal lora_A's in_features ({K})")
-    if lora_B.shape[1] != R:
-        raise ValueError(f"lora_B must be [out_features, r] = [{N}, {R}] (r: lora_A's rows), got {tuple(lora_B.shape)}")
-    if R < 1:
-        raise ValueError("lora_A must have at least one rank (row)")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        check_like(name, t, "x", x)
+    probe = x.new_empty(()).expand(N, K)  # the weight it checks against: no memory, x's dtype and device
+    b = check_lora_inputs(x, probe, None, lora_A, lora_B, rank_scale, rank)
     if y_base is not None:
         check_tensor("y_base", y_base)
         expected = (*x.shape[:-1], N)
@@ -174,9 +165,7 @@ def check_lora_delta_inputs(y_base, x, lora_A, lora_B, rank_scale, rank) -> int:
             raise ValueError(f"y_base must be [*x.shape[:-1], out_features] = {list(expected)} (x's leading shape, "
                              f"lora_B's out_features), got {list(y_base.shape)}")  # fmt: skip
         check_like("y_base", y_base, "x", x)
-    if rank_scale is not None:
-        check_vector("rank_scale", rank_scale, R, "r", "x", x)
-    return check_rank(rank, R)
+    return b
 
 
 def lora_delta(

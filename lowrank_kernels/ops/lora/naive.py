@@ -27,17 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def lora_linear_ref(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scale: float,
-    rank: int | None = None,
-    rank_scale: Tensor | None = None,
-    dropout_mask: Tensor | None = None,
-) -> Tensor:
+def lora_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
+                    rank: int | None = None, rank_scale: Tensor | None = None,
+                    dropout_mask: Tensor | None = None) -> Tensor:  # fmt: skip
     """Unfused LoRA forward, differentiable by autograd. ``dropout_mask`` is ``drop(x) / x`` (0 or 1/(1-p)).
 
     x: [..., K], weight: [N, K], bias: [N] | None, lora_A: [R, K], lora_B: [N, R], rank_scale: [R] | None,
@@ -125,23 +117,10 @@ def shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed: int = 
     return t
 
 
-def lowrank_matmul(
-    x: Tensor,
-    w: Tensor,
-    bias: Tensor | None,
-    t: Tensor,
-    u: Tensor,
-    v: Tensor | None,
-    *,
-    scale: float,
-    rank: int,
-    p_drop: float = 0.0,
-    seed: int = 0,
-    epilogue_dropout: bool = False,
-    col_scale: tuple[Tensor, Tensor] | None = None,
-    dropped_x: Tensor | None = None,
-    save_z: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+def lowrank_matmul(x: Tensor, w: Tensor, bias: Tensor | None, t: Tensor, u: Tensor, v: Tensor | None, *, scale: float,
+                   rank: int, p_drop: float = 0.0, seed: int = 0, epilogue_dropout: bool = False,
+                   col_scale: tuple[Tensor, Tensor] | None = None, dropped_x: Tensor | None = None,
+                   save_z: bool = False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """The GEMM with a low-rank epilogue, in x's dtype: ``(y [M, N], z [M, N] | None)``.
 
     ``low = scale * (t * v)[:, :rank] u[:, :rank]^T`` (times the dropout mask at (m, n) with ``epilogue_dropout``:
@@ -184,17 +163,8 @@ def lowrank_matmul(
     return cast(y, x.dtype), (cast(z, x.dtype) if save_z else None)
 
 
-def weight_grad(
-    t: Tensor,
-    x: Tensor,
-    v: Tensor | None,
-    *,
-    scale: float,
-    rank_start: int,
-    rank: int,
-    p_drop: float = 0.0,
-    seed: int = 0,
-) -> Tensor:
+def weight_grad(t: Tensor, x: Tensor, v: Tensor | None, *, scale: float, rank_start: int, rank: int,
+                p_drop: float = 0.0, seed: int = 0) -> Tensor:  # fmt: skip
     """[rank - rank_start, K] = scale * (t * v)[:, rank_start:rank]^T drop(x) in the compute dtype (dA, and dB^T).
 
     t: [M, >=rank], x: [M, K], v: [>=rank] | None."""

@@ -157,19 +157,9 @@ def register_autograd(op, body, backward, setup_context) -> type[torch.autograd.
     return type(f"Eager{body.__name__}", (torch.autograd.Function,), methods)
 
 
-def _lora_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    rank_scale: Tensor | None,
-    scale: float,
-    rank: int,
-    grad_rank_start: int,
-    dropout_p: float,
-    seed: Tensor | None,
-) -> tuple[Tensor, Tensor]:
+def _lora_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, rank_scale: Tensor | None,
+              scale: float, rank: int, grad_rank_start: int, dropout_p: float,
+              seed: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """x: [M, K] -> (y [M, N], xa [M, R] float32, float64 for float64 x). ``grad_rank_start`` is the backward's.
 
     ``seed`` is a CPU int64 scalar tensor (None without dropout): a tensor, so torch.compile traces its draw.
@@ -192,23 +182,10 @@ def _lora_fwd_fake(x, weight, bias, lora_A, lora_B, rank_scale, scale, rank, gra
 lora_fwd = register_op("lora_fwd", _lora_fwd, _lora_fwd_fake, _lora_fwd_backend)
 
 
-def _lora_bwd(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    rank_scale: Tensor | None,
-    xa: Tensor,
-    scale: float,
-    rank: int,
-    grad_rank_start: int,
-    dropout_p: float,
-    seed: Tensor | None,
-    needs_dx: bool,
-    needs_dAB: bool,
-    backend_name: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lora_bwd(grad_out: Tensor, x: Tensor, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+              rank_scale: Tensor | None, xa: Tensor, scale: float, rank: int, grad_rank_start: int, dropout_p: float,
+              seed: Tensor | None, needs_dx: bool, needs_dAB: bool,
+              backend_name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dA, dB, dv); dx (dA, dB) is empty [0] unless needs_dx (needs_dAB); dv empty without v.
 
     ``backend_name``: the backend the forward was asked to use ("" for the automatic choice). Autograd runs a CUDA

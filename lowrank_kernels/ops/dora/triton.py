@@ -317,10 +317,6 @@ def dora_dx(dy, weight, g, t, lora_A, *, scale, rank, p_drop=0.0, seed=0) -> Ten
     tiles["BLOCK_N"], tiles["BLOCK_K"] = tiles["BLOCK_K"], tiles["BLOCK_N"]
     if dropout:  # the mask's hash beside two accumulators spills on 4 warps at BLOCK_M = 16 (ptxas, sm_90)
         tiles["num_warps"] = 8
-        if tiles["BLOCK_M"] == 64 and tiles["BLOCK_N"] == 128:  # M 33-64: 64 x 64 output tiles take 255 registers
-            tiles["BLOCK_K"] = 32  # and spill 1-10 STL on sm_80 (aot_check, Triton 3.6 / 3.9); 32 wide: 128, no spill
-        if tiles["BLOCK_M"] == 32 and tiles["BLOCK_N"] == 128:  # M 17-32: 4 stages spill 1 STL at 80 registers
-            tiles["num_stages"] = min(3, tiles["num_stages"])  # (sm_90, Triton 3.6); 3 stages: none on 3.6 or 3.9
     grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(K, tiles["BLOCK_K"]),)
     g = g.float().contiguous()
     traceable(dora_dx_kernel)[grid](

@@ -341,13 +341,17 @@ def _tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumulators: 
         tiles = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4 if block_m <= 16 else 8)
         if (
             dtype == torch.float32
+            or fused_rank_block == 0
             or fused_rank_block > 64
             or fused_rank_block * block_m >= 64 * 64
             or (block_m >= 32 and fused_rank_block >= 32)
         ):
-            # The A tile [BLOCK_R, BLOCK_K] rides beside W's and the shrink accumulator [BLOCK_M, BLOCK_R] beside
-            # the output's: past these sizes 128-wide K tiles spill (ptxas, sm_80; 32-64 rows at rank tile 32-64
-            # with the shrink's dropout: 255 registers, 1-15 STL on sm_80 / sm_90, aot_check full sweep).
+            # 128-wide K tiles only for the fused shrink at small rank tiles. Past these sizes the A tile
+            # [BLOCK_R, BLOCK_K] beside W's and the shrink accumulator [BLOCK_M, BLOCK_R] beside the output's spill
+            # (32-64 rows at rank tile 32-64 with the shrink's dropout: 255 registers, 1-15 STL on sm_80 / sm_90);
+            # unfused, the rank loop's t and U tiles or the dropout epilogue's second accumulator beside 4 stages of
+            # 128-wide tiles spill 1-7 STL on sm_80 (aot_check full sweep, Triton 3.6 and 3.9; 64 wide: ~125
+            # registers, none).
             tiles["BLOCK_K"] = 64
     elif dtype == torch.float32:
         tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4)

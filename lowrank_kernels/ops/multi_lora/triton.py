@@ -235,7 +235,9 @@ def shrink_partials(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float =
     R = a.shape[1]
     T = meta.tiles.shape[0]
     block_r = rank_block(R)
-    block_k = 64 if x.dtype == torch.float32 else 128
+    # 64-row tiles: 64-wide K tiles (128 wide, 3 stages, rank tile 16: a cold 1-STL spill at 64 registers on sm_80,
+    # Triton 3.9; 64 wide: none on 3.6 or 3.9 at rank tiles 16-64, aot_check)
+    block_k = 64 if x.dtype == torch.float32 or meta.block_m >= 64 else 128
     rank_blocks = cdiv(R, block_r)
     splits = _k_splits(T, rank_blocks, K, block_k, x.device)
     k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
@@ -275,7 +277,9 @@ def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None
     if T == 0 or M == 0:
         return y, z
     block_r = rank_block(R)
-    block_n = 64 if y.dtype == torch.float32 else 128
+    # 64 rows x rank tile 64 x 128 columns spilled 3 STL at 128 registers on sm_80 (Triton 3.6, aot_check); 64 wide:
+    # ~100 registers, none
+    block_n = 64 if y.dtype == torch.float32 or (meta.block_m >= 64 and block_r >= 64) else 128
     g, dora_slots = dora if dora is not None else (y, meta.row_slot)  # unread without HAS_DORA
     p, scale = _dropout_args(p_drop)
     yd_t = y if yd is None else yd

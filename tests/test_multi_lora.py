@@ -413,6 +413,12 @@ def test_batch_must_match_the_pool_and_the_input():
     pool.remove("a4")
     with pytest.raises(ValueError, match="different pool state"):
         multi_lora_linear(x, linear.weight, linear.bias, pool, batch)
+    with pytest.raises(TypeError, match="pool must be an AdapterPool, got Linear"):
+        multi_lora_linear(x, linear.weight, linear.bias, linear, batch)
+    with pytest.raises(TypeError, match="batch must be an AdapterBatch .* got list"):
+        multi_lora_linear(x, linear.weight, linear.bias, pool, [0, 1, -1])
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got list"):
+        multi_lora_linear(x.tolist(), linear.weight, linear.bias, pool, AdapterBatch.build(pool, [0, 1, -1]))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -137,7 +137,7 @@ def row_mask(meta: BatchTensors, R: int) -> Tensor:
 
 def slot_segments(meta: BatchTensors) -> list[tuple[int, Tensor]]:
     """``(slot, rows)`` for every slot some row uses, its rows in ``sorted_rows`` order (read on the host)."""
-    rows = meta.sorted_rows.long()
+    rows = meta.sorted_rows  # int32 indexes as well as int64 (no conversion a call)
     return [(slot, rows[start:end]) for slot, (start, end) in enumerate(meta.slot_rows.tolist()) if end > start]
 
 
@@ -145,6 +145,18 @@ def per_adapter(t: Tensor) -> bool:
     """One product per adapter (CPU: as fast as peft's loop over adapters) rather than a gather of each row's
     matrices: on a GPU the gather form keeps the layer free of host reads (CUDA graphs)."""
     return t.device.type == "cpu"
+
+
+def per_adapter_product(v: Tensor, w: Tensor, meta: BatchTensors, compute: torch.dtype) -> Tensor:
+    """[M, w.shape[1]]: ``v[t] w[i_t]^T`` by one product per adapter (zero on rows without adapter); a batch whose
+    rows all use one adapter is one product with no gather or scatter (a decode step of one job)."""
+    segments = slot_segments(meta)
+    if len(segments) == 1 and segments[0][1].numel() == v.shape[0]:
+        return F.linear(v, cast(w[segments[0][0]], compute))
+    out = v.new_zeros(v.shape[0], w.shape[1])
+    for slot, rows in segments:
+        out[rows] = F.linear(v[rows], cast(w[slot], compute))
+    return out
 
 
 def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 0.0, seed: int = 0) -> Tensor:
@@ -157,13 +169,13 @@ def segment_shrink(x: Tensor, a: Tensor, meta: BatchTensors, *, p_drop: float = 
     if p_drop > 0.0:
         xc = xc * dropout_mask(seed, tuple(x.shape), p_drop, x.device).to(compute)
     if per_adapter(xc):
-        t = xc.new_zeros(x.shape[0], a.shape[1])
-        for slot, rows in slot_segments(meta):
-            t[rows] = F.linear(xc[rows], cast(a[slot], compute))
+        t = per_adapter_product(xc, a, meta, compute) * cast(meta.row_scale, compute).unsqueeze(-1)
+        if x.shape[0] and int(meta.row_rank.min()) == a.shape[1]:  # every row at full rank: nothing to mask
+            return t
     else:
         idx = meta.row_slot.long().clamp_min(0)
-        t = torch.bmm(cast(a[idx], compute), xc.unsqueeze(-1)).squeeze(-1)  # [M, R]
-    return torch.where(row_mask(meta, a.shape[1]), t * cast(meta.row_scale, compute).unsqueeze(-1), 0.0)
+        t = torch.bmm(cast(a[idx], compute), xc.unsqueeze(-1)).squeeze(-1) * cast(meta.row_scale, compute)[:, None]
+    return torch.where(row_mask(meta, a.shape[1]), t, 0.0)
 
 
 def dora_epilogue(y: Tensor, low: Tensor, g_rows: Tensor, is_dora: Tensor, bias: Tensor | None,
@@ -203,21 +215,19 @@ def segment_expand(
     (``bias`` and the dropped base ``yd`` as there); ``z`` is returned when ``save_z``.
     """
     compute = compute_dtype(y.dtype)
-    idx = meta.row_slot.long().clamp_min(0)
-    has = (meta.row_slot >= 0).unsqueeze(-1)
     tc = cast(t, compute)
     if per_adapter(tc):
-        low = tc.new_zeros(y.shape)
-        for slot, rows in slot_segments(meta):
-            low[rows] = F.linear(tc[rows], cast(u[slot], compute))
+        low = per_adapter_product(tc, u, meta, compute)
     else:
+        idx, has = meta.row_slot.long().clamp_min(0), (meta.row_slot >= 0).unsqueeze(-1)
         low = torch.where(has, torch.bmm(cast(u[idx], compute), tc.unsqueeze(-1)).squeeze(-1), 0.0)
     if p_drop > 0.0:
         low = low * dropout_mask(seed, tuple(low.shape), p_drop, y.device).to(compute)
     yc = cast(y, compute)
     if dora is None:
-        return (yc + low).to(y.dtype), (torch.zeros_like(y) if save_z else None)
+        return cast(low.add_(yc), y.dtype), (torch.zeros_like(y) if save_z else None)
     g, dora_slots = dora
+    idx, has = meta.row_slot.long().clamp_min(0), (meta.row_slot >= 0).unsqueeze(-1)
     is_dora = has & (dora_slots.long()[idx] != 0).unsqueeze(-1)
     g_rows = torch.where(is_dora, cast(g[idx], compute), 1.0)
     out, z = dora_epilogue(yc, low, g_rows, is_dora, bias, None if yd is None else cast(yd, compute))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import backend
-from ..._checks import FLOAT_DTYPES, check_dropout, seed_int, seed_tensor
+from ..._checks import FLOAT_DTYPES, check_dropout, once_per_signature, seed_int, seed_tensor
 from ..lora.naive import keep_factor
 from ..lora.op import as_rows, contiguous_vector, register_autograd, register_op, run_registered
 from . import naive
@@ -318,6 +318,23 @@ _EagerMultiLoRA = register_autograd(multi_lora_fwd, _multi_lora_fwd, _backward, 
 
 def check_multi_lora_inputs(x, weight, bias, pool, batch) -> None:
     """Validate ``multi_lora_linear``'s arguments (errors name the argument)."""
+    if not isinstance(batch, AdapterBatch):
+        raise TypeError(f"batch must be an AdapterBatch (AdapterBatch.build(pool, ids)), got {type(batch).__name__}")
+    try:  # the attributes the op reads (an AdapterPool's: modules sit above the ops, so no isinstance)
+        tensors, _ = (pool.lora_A, pool.lora_B, pool.magnitude_scale), pool.dora_slots
+        sizes, signature = (pool.in_features, pool.out_features), pool.signature
+    except AttributeError:
+        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}") from None
+    check_multi_lora_tensors(x, weight, bias, *tensors, *sizes, batch.device, batch.num_rows)
+    if batch.signature is not signature and batch.signature != signature:
+        raise ValueError("batch was built for a different pool state (adapters were added or removed since, or it "
+                         "belongs to another layer's pool): build it again for this pool")  # fmt: skip
+
+
+@once_per_signature
+def check_multi_lora_tensors(x, weight, bias, lora_A, lora_B, magnitude_scale, in_features, out_features,
+                             batch_device, batch_rows) -> None:  # fmt: skip
+    """The tensors of ``check_multi_lora_inputs``, with the pool's and the batch's sizes and device."""
     if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 1:
@@ -325,34 +342,27 @@ def check_multi_lora_inputs(x, weight, bias, pool, batch) -> None:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         shape = getattr(weight, "shape", type(weight).__name__)
         raise ValueError(f"weight must be a 2-D [out_features, in_features] tensor, got {shape}")
-    if not all(hasattr(pool, a) for a in ("lora_A", "lora_B", "magnitude_scale", "dora_slots", "signature")):
-        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
-    if not isinstance(batch, AdapterBatch):
-        raise TypeError(f"batch must be an AdapterBatch (AdapterBatch.build(pool, ids)), got {type(batch).__name__}")
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in_features ({K})")
-    if (pool.in_features, pool.out_features) != (K, N):
-        raise ValueError(f"pool is for a [{pool.out_features}, {pool.in_features}] layer but weight is [{N}, {K}]")
+    if (in_features, out_features) != (K, N):
+        raise ValueError(f"pool is for a [{out_features}, {in_features}] layer but weight is [{N}, {K}]")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (N,)):
         raise ValueError(f"bias must be [out_features] = [{N}], got {getattr(bias, 'shape', bias)}")
-    named = [("weight", weight), ("pool", pool.lora_A)] + ([("bias", bias)] if bias is not None else [])
+    named = [("weight", weight), ("pool", lora_A)] + ([("bias", bias)] if bias is not None else [])
     for name, t in named:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
-    if batch.device != x.device:
-        raise ValueError(f"batch is on {batch.device} but x is on {x.device}")
+    if batch_device != x.device:
+        raise ValueError(f"batch is on {batch_device} but x is on {x.device}")
     rows = x.numel() // K if K else 0
-    if batch.num_rows != rows:
-        raise ValueError(f"batch has {batch.num_rows} rows but x has {rows} (x.shape[:-1] = {tuple(x.shape[:-1])})")
-    for name, t in (("pool.lora_B", pool.lora_B), ("pool.magnitude_scale", pool.magnitude_scale)):
+    if batch_rows != rows:
+        raise ValueError(f"batch has {batch_rows} rows but x has {rows} (x.shape[:-1] = {tuple(x.shape[:-1])})")
+    for name, t in (("pool.lora_B", lora_B), ("pool.magnitude_scale", magnitude_scale)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
-    if batch.signature != pool.signature:
-        raise ValueError("batch was built for a different pool state (adapters were added or removed since, or it "
-                         "belongs to another layer's pool): build it again for this pool")  # fmt: skip
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pool, batch: AdapterBatch, *,

@@ -5,7 +5,7 @@
     python scripts/aot_check.py --out sweep.md      # the whole sweep, its summary table also written to a file
     python scripts/aot_check.py --results r.jsonl --time-limit 3600 --out sweep.md   # in pieces: resumable
 
-The whole sweep is ~2,565 specialisations x 2 targets, hours on 2 cores: ``--results`` keeps every compile's
+The whole sweep is ~3,000 specialisations x 2 targets, hours on 2 cores: ``--results`` keeps every compile's
 result in a JSON-lines file (keyed by specialisation, kernel code, target and Triton version) and a later run
 compiles only what is missing; ``--time-limit`` starts no new compile past its seconds and the report counts what it
 did not reach. Compiles go in ``compile_order``: the subset's representatives, every other 16-bit specialisation,

@@ -326,7 +326,7 @@ def check_multi_lora_inputs(x, weight, bias, pool, batch) -> None:
     except AttributeError:
         raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}") from None
     check_multi_lora_tensors(x, weight, bias, *tensors, *sizes, batch.device, batch.num_rows)
-    if batch.signature is not signature and batch.signature != signature:
+    if batch.signature != signature:
         raise ValueError("batch was built for a different pool state (adapters were added or removed since, or it "
                          "belongs to another layer's pool): build it again for this pool")  # fmt: skip
 

@@ -401,12 +401,15 @@ def shrink(x: Tensor, a: Tensor, rank: int, *, p_drop: float = 0.0, seed: int = 
     R = a.shape[0]
     t = torch.empty(M, R, device=x.device, dtype=torch.float32)
     block_m, block_r = (16 if M <= 16 else 64), rank_block(R)
+    # 16 x 64 tiles on 4 warps spill 2-4 STL at 56-128 registers on sm_90 (Triton 3.9, aot_check full sweep); on 8
+    # warps: 40-98 registers, none on 3.6 or 3.9, and the same 128-wide K tiles
+    warps = 8 if block_m == 16 and block_r == 64 else 4
     grid = (cdiv(M, block_m), cdiv(R, block_r))
     traceable(lora_shrink_kernel)[grid](
         x, a, t, seed, M, K, R, rank, float(p_drop),
         *x.stride(), *a.stride(), *t.stride(),
         HAS_DROPOUT=p_drop > 0.0, DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_K=64 if x.dtype == torch.float32 else 128, BLOCK_R=block_r, num_warps=4,
+        BLOCK_M=block_m, BLOCK_K=64 if x.dtype == torch.float32 else 128, BLOCK_R=block_r, num_warps=warps,
     )  # fmt: skip
     return t
 

@@ -277,9 +277,9 @@ def segment_expand(y, t, u, meta: BatchTensors, *, p_drop=0.0, seed=0, dora=None
     if T == 0 or M == 0:
         return y, z
     block_r = rank_block(R)
-    # 64 rows x rank tile 64 x 128 columns spilled 3 STL at 128 registers on sm_80 (Triton 3.6, aot_check); 64 wide:
-    # ~100 registers, none
-    block_n = 64 if y.dtype == torch.float32 or (meta.block_m >= 64 and block_r >= 64) else 128
+    # 128 columns spilled at 64 rows x rank tile 64 (3 STL at 128 registers on sm_80, Triton 3.6) and beside the
+    # dropout epilogue's hash at 16 rows (1 STL at 72 on sm_90, Triton 3.9; aot_check); 64 wide: 48-114, none
+    block_n = 64 if y.dtype == torch.float32 or p_drop > 0.0 or (meta.block_m >= 64 and block_r >= 64) else 128
     g, dora_slots = dora if dora is not None else (y, meta.row_slot)  # unread without HAS_DORA
     p, scale = _dropout_args(p_drop)
     yd_t = y if yd is None else yd

@@ -300,7 +300,8 @@ def dropout_shrink(x: Tensor, lora_A: Tensor, rank: int, *, p_drop: float, seed:
         x, lora_A, xd, xa, seed, M, K, R, rank, float(p_drop),
         *x.stride(), *lora_A.stride(), *xd.stride(),
         *xa.stride(), DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_K=64 if x.dtype == torch.float32 else 128, BLOCK_R=block_r, num_warps=4,
+        BLOCK_M=block_m, BLOCK_K=64 if x.dtype == torch.float32 else 128, BLOCK_R=block_r,
+        num_warps=4 if block_m == 16 else 8,  # 32 rows on 4 warps: 5 STL at 128 registers on sm_90 (Triton 3.9)
     )  # fmt: skip
     return xd, xa
 
@@ -317,6 +318,8 @@ def dora_dx(dy, weight, g, t, lora_A, *, scale, rank, p_drop=0.0, seed=0) -> Ten
     tiles["BLOCK_N"], tiles["BLOCK_K"] = tiles["BLOCK_K"], tiles["BLOCK_N"]
     if dropout:  # the mask's hash beside two accumulators spills on 4 warps at BLOCK_M = 16 (ptxas, sm_90)
         tiles["num_warps"] = 8
+        if tiles["BLOCK_M"] == 32:  # 3-4 stages: 2 STL at 64 registers on sm_90 (Triton 3.9); 2: none on 3.6 or 3.9
+            tiles["num_stages"] = 2
     grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(K, tiles["BLOCK_K"]),)
     g = g.float().contiguous()
     traceable(dora_dx_kernel)[grid](

@@ -338,7 +338,9 @@ def _tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumulators: 
         block_m = max(16, next_power_of_2(M))
         # More than 16 rows: 8 warps hold the [BLOCK_M, BLOCK_R] shrink accumulator (or the second accumulator)
         # beside the output's without spilling, and at BLOCK_M = 64 Hopper's wgmma applies (64-row warpgroups).
-        tiles = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4 if block_m <= 16 else 8)
+        # The dx GEMM's dropout epilogue (two accumulators) spills 8-16 STL on 4 warps at 16 rows (sm_90, 3.9).
+        warps = 4 if block_m <= 16 and not two_accumulators else 8
+        tiles = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=warps)
         if (
             dtype == torch.float32
             or fused_rank_block == 0
@@ -480,7 +482,8 @@ def weight_grad(t, x, v, *, scale, rank_start, rank, p_drop=0.0, seed=0) -> Tens
         t, x, v if v is not None else t, out, seed, M, K, rank_start, rank, rows_per_split, float(scale),
         float(p_drop), *t.stride(), *x.stride(), *out.stride(),
         HAS_RANK_SCALE=v is not None, HAS_DROPOUT=p_drop > 0.0,
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+        num_warps=8 if p_drop > 0.0 and block_r <= 32 else 4,  # 4 warps: 1 STL at 128 registers on sm_90 (3.9)
     )  # fmt: skip
     return out.sum(0) if splits > 1 else out[0]
 

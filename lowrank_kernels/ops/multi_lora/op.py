@@ -320,12 +320,13 @@ def check_multi_lora_inputs(x, weight, bias, pool, batch) -> None:
     """Validate ``multi_lora_linear``'s arguments (errors name the argument)."""
     if not isinstance(batch, AdapterBatch):
         raise TypeError(f"batch must be an AdapterBatch (AdapterBatch.build(pool, ids)), got {type(batch).__name__}")
-    try:  # the attributes the op reads (an AdapterPool's: modules sit above the ops, so no isinstance)
-        tensors, _ = (pool.lora_A, pool.lora_B, pool.magnitude_scale), pool.dora_slots
-        sizes, signature = (pool.in_features, pool.out_features), pool.signature
+    try:  # every attribute the op reads (an AdapterPool's: modules sit above the ops, so no isinstance)
+        lora_A, lora_B, magnitude_scale, _ = pool.lora_A, pool.lora_B, pool.magnitude_scale, pool.dora_slots
+        in_features, out_features, signature = pool.in_features, pool.out_features, pool.signature
     except AttributeError:
         raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}") from None
-    check_multi_lora_tensors(x, weight, bias, *tensors, *sizes, batch.device, batch.num_rows)
+    check_multi_lora_tensors(x, weight, bias, lora_A, lora_B, magnitude_scale, in_features, out_features,
+                             batch.device, batch.num_rows)  # fmt: skip
     if batch.signature != signature:
         raise ValueError("batch was built for a different pool state (adapters were added or removed since, or it "
                          "belongs to another layer's pool): build it again for this pool")  # fmt: skip

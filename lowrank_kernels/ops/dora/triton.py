@@ -301,7 +301,9 @@ def dropout_shrink(x: Tensor, lora_A: Tensor, rank: int, *, p_drop: float, seed:
         *x.stride(), *lora_A.stride(), *xd.stride(),
         *xa.stride(), DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_K=64 if x.dtype == torch.float32 else 128, BLOCK_R=block_r,
-        num_warps=4 if block_m == 16 else 8,  # 32 rows on 4 warps: 5 STL at 128 registers on sm_90 (Triton 3.9)
+        # 4 warps spill on sm_90 (Triton 3.9): 5 STL at 128 registers at 32 rows, 1-3 STL at 96 at 16 rows (M not a
+        # multiple of 16, rank tile 16); 8 warps: 96-106 registers at 16 rows, none on 3.6 or 3.9 (aot_check)
+        num_warps=8,
     )  # fmt: skip
     return xd, xa
 
@@ -316,7 +318,7 @@ def dora_dx(dy, weight, g, t, lora_A, *, scale, rank, p_drop=0.0, seed=0) -> Ten
     # BLOCK_K (reduction) our BLOCK_N; two accumulators with dropout, as DROPPED_X.
     tiles = dict(_matmul_tiles(M, dy.dtype, 0, two_accumulators=dropout))  # a copy: the cached one is shared
     tiles["BLOCK_N"], tiles["BLOCK_K"] = tiles["BLOCK_K"], tiles["BLOCK_N"]
-    if dropout:  # the mask's hash beside two accumulators spills on 4 warps at BLOCK_M = 16 (ptxas, sm_90)
+    if dropout:  # the mask's hash beside two accumulators spills on 4 warps (16-bit tiles have 8 already; fp32's)
         tiles["num_warps"] = 8
         if tiles["BLOCK_M"] == 32:  # 3-4 stages: 2 STL at 64 registers on sm_90 (Triton 3.9); 2: none on 3.6 or 3.9
             tiles["num_stages"] = 2

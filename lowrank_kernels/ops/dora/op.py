@@ -17,6 +17,8 @@ every magnitude (``m = 0`` included).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -38,6 +40,7 @@ from ..lora.op import (
     backend_for,
     contiguous_vector,
     lowrank_forward,
+    primitives,
     register_autograd,
     register_op,
     run_registered,
@@ -45,17 +48,9 @@ from ..lora.op import (
 from . import naive
 
 
-def implementation(name: str):
-    """The module holding DoRA's primitives (and LoRA's) on backend ``name``; Triton and the extension load lazily."""
-    if name == "triton":
-        from . import triton
-
-        return triton
-    if name == "cuda":
-        from . import cuda
-
-        return cuda
-    return naive
+def implementation(name: str) -> ModuleType:
+    """The module holding DoRA's primitives (and LoRA's) on backend ``name``."""
+    return primitives(__package__, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

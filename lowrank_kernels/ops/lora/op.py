@@ -16,6 +16,7 @@ Follow a call top to bottom:
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from types import ModuleType
 
@@ -27,17 +28,16 @@ from ..._checks import check_dropout, check_lora_inputs, check_scale, seed_int, 
 from . import naive
 
 
+@functools.cache  # an import statement costs ~1 us a call
+def primitives(package: str, backend_name: str) -> ModuleType:
+    """Op package ``package``'s primitives on backend ``backend_name``: its ``naive``, ``triton`` or ``cuda`` module,
+    imported on first use (Triton and the extension load only when a call runs on them)."""
+    return importlib.import_module(f"{package}.{'naive' if backend_name == 'torch' else backend_name}")
+
+
 def implementation(name: str) -> ModuleType:
-    """The module holding this op's primitives on backend ``name``; Triton and the extension load on first use."""
-    if name == "triton":
-        from . import triton
-
-        return triton
-    if name == "cuda":
-        from . import cuda
-
-        return cuda
-    return naive
+    """The module holding this op's primitives on backend ``name``."""
+    return primitives(__package__, name)
 
 
 def contiguous_vector(t: Tensor | None) -> Tensor | None:

@@ -29,23 +29,15 @@ from torch import Tensor
 from ... import backend
 from ..._checks import FLOAT_DTYPES, check_dropout, once_per_signature, seed_int, seed_tensor
 from ..lora.naive import keep_factor
-from ..lora.op import as_rows, contiguous_vector, register_autograd, register_op, run_registered
+from ..lora.op import as_rows, contiguous_vector, primitives, register_autograd, register_op, run_registered
 from . import naive
 from .batch import AdapterBatch
 from .naive import BatchTensors
 
 
 def implementation(name: str) -> ModuleType:
-    """The module holding this op's primitives on backend ``name``; Triton and the extension load on first use."""
-    if name == "triton":
-        from . import triton
-
-        return triton
-    if name == "cuda":
-        from . import cuda
-
-        return cuda
-    return naive
+    """The module holding this op's primitives on backend ``name``."""
+    return primitives(__package__, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

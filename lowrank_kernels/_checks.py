@@ -59,7 +59,7 @@ def once_per_signature(check):
         if torch.compiler.is_compiling():  # traced once per graph anyway; a cache lookup would only add guards
             return check(*args)
         # type(a) in the key: 1, 1.0 and True are equal as dict keys but not as arguments.
-        key = tuple((a.shape, a.dtype, a.device) if isinstance(a, Tensor) else (type(a), a) for a in args)
+        key = tuple([(a.shape, a.dtype, a.device) if isinstance(a, Tensor) else (type(a), a) for a in args])
         try:
             return passed[key]
         except KeyError:

@@ -121,10 +121,13 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
 
 def _dtype_reason(name: str, tensors: Sequence[torch.Tensor | None]) -> str | None:
     """None if backend ``name`` takes every floating dtype among ``tensors``, else why not."""
-    floating = [t.dtype for t in tensors if t is not None and t.dtype.is_floating_point]
-    if name == "torch" or all(dtype in _KERNEL_DTYPE_SET for dtype in floating):
+    if name == "torch":
         return None
-    return f"its kernels take float16/bfloat16/float32, got {sorted(set(map(str, floating)))}"
+    for t in tensors:  # a loop, not a set of dtypes: on every call's host path
+        if t is not None and t.dtype not in _KERNEL_DTYPE_SET and t.dtype.is_floating_point:
+            floating = {str(t.dtype) for t in tensors if t is not None and t.dtype.is_floating_point}
+            return f"its kernels take float16/bfloat16/float32, got {sorted(floating)}"
+    return None
 
 
 def choose(op: str, device: torch.device, tensors: Sequence[torch.Tensor | None]) -> str:

@@ -1,5 +1,6 @@
 """LoRALinear: a drop-in nn.Linear with peft's parameter names, dynamic rank, merge/unmerge."""
 
+import copy
 import math
 
 import pytest
@@ -78,6 +79,43 @@ def test_forward_and_grads_match_the_oracle(backend, b, frozen):
     assert rel_err(y, y_ref) < tol
     assert rel_err(x.grad, dx) < tol and rel_err(A.grad, dA) < tol and rel_err(B.grad, dB) < tol
     assert layer.weight.grad is None
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora"])
+def test_parametrized_weights_are_read_through_their_parametrization(kind):
+    """The forwards read plain parameters straight from ``_parameters`` (host time); a parametrized one is not there
+    and must be read through its parametrization, never as the raw original: every tensor doubled by one gives the
+    output of a twin whose parameters hold the doubled values."""
+    from torch.nn.utils import parametrize
+
+    from lowrank_kernels import AdaLoRALinear, DoRALinear
+
+    torch.manual_seed(0)
+    cls = {"lora": LoRALinear, "dora": DoRALinear, "adalora": AdaLoRALinear}[kind]
+    layer = cls.from_linear(nn.Linear(40, 24), 8, alpha=16.0)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_(0, 0.5)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        for param in twin.parameters():
+            param.mul_(2)
+    x = torch.randn(3, 40)
+    plain = layer(x).detach()
+    names = [name for name, _ in layer.named_parameters()]
+    for name in names:
+        *path, leaf = name.split(".")
+        parametrize.register_parametrization(layer.get_submodule(".".join(path)), leaf, _Doubled())
+    for mode in (layer.train, layer.eval):  # DoRA: the norm computed, then cached
+        mode()
+        twin.train(layer.training)
+        torch.testing.assert_close(layer(x), twin(x))
+    assert rel_err(plain, twin(x)) > 0.1  # doubling shows: reading the originals would fail the check above
 
 
 def test_dropout_only_in_training_mode():

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..ops.lora.naive import cast
 from ..ops.lora.op import dropout_mask, lora_linear
-from .lora import linear_layout, peft_alias
+from .lora import linear_layout, parameter, peft_alias
 from .merge import DeltaMerge
 
 __all__ = ["AdaLoRALinear"]
@@ -283,7 +283,7 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
             return nn.functional.linear(x, self.base_weight, self.bias)
         dtype = x.dtype
         dropout = self.lora_dropout if self.training else 0.0
-        A, B, E = self.lora_A, self.lora_B, self.lora_E.view(-1)
+        A, B, E = parameter(self, "lora_A"), parameter(self, "lora_B"), parameter(self, "lora_E").view(-1)
         idx = self.active_idx
         if idx is not None:  # tiny gathers; their backward scatters the gradients into the full parameters
             A, B, E = A.index_select(0, idx), B.index_select(1, idx), E.index_select(0, idx)
@@ -297,7 +297,7 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
             y = lora_linear(
                 x,
                 self.base_weight,
-                self.bias,
+                parameter(self, "bias"),
                 cast(A, dtype),
                 cast(B, dtype),
                 scale=self.scale,
@@ -318,7 +318,8 @@ class AdaLoRALinear(DeltaMerge, nn.Module):
     @property
     def base_weight(self) -> Tensor:
         """W0 as [out, in]: ``weight`` itself, or a transposed view of a Conv1D's [in, out] weight."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        weight = parameter(self, "weight")
+        return weight.t() if self.fan_in_fan_out else weight
 
     def delta_weight(self) -> Tensor:
         """``s' * P (Q * (lambda * keep))`` in float32 (float64 for a float64 layer), in ``weight``'s layout ([out,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..ops.dora.op import dora_linear, dora_weight_norm, weight_norm_sq
 from ..ops.lora.naive import cast
 from ..ops.lora.op import dropout_mask
-from .lora import LoRALinear, Quantized4bitBase, lowrank_term
+from .lora import LoRALinear, Quantized4bitBase, lowrank_term, parameter
 
 
 def _identity(t: Tensor) -> tuple | None:
@@ -89,7 +89,7 @@ class DoRALinear(LoRALinear):
 
     def _current_weight_norm_sq(self) -> Tensor:
         """The ``||W0_n||^2`` buffer, recomputed if W0 changed (load_state_dict, merge, a move or cast)."""
-        key = _identity(self.weight)
+        key = _identity(parameter(self, "weight"))
         if not _same(key, self._weight_norm_sq_key):
             self.weight_norm_sq = weight_norm_sq(self.base_weight)
             self._weight_norm_sq_key = key
@@ -97,13 +97,13 @@ class DoRALinear(LoRALinear):
 
     def _weight_norm(self, dtype: torch.dtype) -> Tensor:
         """The detached row norm at the active rank with A and B cast to ``dtype`` (as forward uses them)."""
-        A, B = cast(self.lora_A.weight, dtype), cast(self.lora_B.weight, dtype)
+        A, B = (cast(t, dtype) for t in self.factors())
         return dora_weight_norm(self.base_weight, A, B, scale=self.scaling, rank=self._active_rank,
                                 weight_norm_sq=self._current_weight_norm_sq())  # fmt: skip
 
     def _cached_weight_norm(self, dtype: torch.dtype) -> Tensor:
         """``_weight_norm``, reused while W0, A, B, the rank, the scale and ``dtype`` are what they were."""
-        parts = [_identity(t) for t in (self.weight, self.lora_A.weight, self.lora_B.weight)]
+        parts = [_identity(t) for t in (parameter(self, "weight"), *self.factors())]
         key = None if None in parts else (*parts, self._active_rank, self.scaling, dtype)
         if self._norm_cache is not None and _same(key, self._norm_cache[0]):
             return self._norm_cache[1]
@@ -130,13 +130,14 @@ class DoRALinear(LoRALinear):
         if not torch.compiler.is_compiling():
             inference = not self.training and not torch.is_grad_enabled()
             weight_norm = self._cached_weight_norm(dtype) if inference else self._weight_norm(dtype)
+        A, B = self.factors()
         return dora_linear(
             x,
             self.base_weight,
-            self.bias,
-            cast(self.lora_A.weight, dtype),
-            cast(self.lora_B.weight, dtype),
-            cast(self.lora_magnitude_vector, dtype),
+            parameter(self, "bias"),
+            cast(A, dtype),
+            cast(B, dtype),
+            cast(parameter(self, "lora_magnitude_vector"), dtype),
             scale=self.scaling,
             rank=self._active_rank,
             dropout=self.lora_dropout if self.training else 0.0,

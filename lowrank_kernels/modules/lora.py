@@ -75,6 +75,14 @@ def lowrank_term(
     return lora_delta(y_base, x, lora_A, lora_B, scale=scale, rank=rank, dropout=dropout, frozen=frozen, seed=seed)
 
 
+def parameter(module: nn.Module, name: str) -> Tensor | None:
+    """``getattr(module, name)``, read from ``module._parameters`` when it is a plain parameter: a forward reads four or
+    five, and ``nn.Module.__getattr__`` (~0.6 us each on a CPU) is a large part of a decode step's host time. Any
+    other attribute (a parametrized weight, a buffer, a property, a None bias) goes through getattr."""
+    found = module._parameters.get(name)
+    return found if found is not None else getattr(module, name)
+
+
 def peft_alias(name: str, value, peft_name: str, peft_value, default):
     """One argument given under our name (``alpha``) or peft's (``lora_alpha``), not both; ``default`` if neither."""
     if peft_value is None:
@@ -210,7 +218,12 @@ class LoRALinear(DeltaMerge, nn.Module):
     @property
     def base_weight(self) -> Tensor:
         """W0 as [out, in]: ``weight`` itself, or a transposed view of a Conv1D's [in, out] weight."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        weight = parameter(self, "weight")
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A, B): ``lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r]."""
+        return parameter(self._modules["lora_A"], "weight"), parameter(self._modules["lora_B"], "weight")
 
     @property
     def scaling(self) -> float:
@@ -223,12 +236,13 @@ class LoRALinear(DeltaMerge, nn.Module):
         if self.merged:
             return nn.functional.linear(x, self.base_weight, self.bias)
         dtype = x.dtype
+        A, B = self.factors()
         return lora_linear(
             x,
             self.base_weight,
-            self.bias,
-            cast(self.lora_A.weight, dtype),
-            cast(self.lora_B.weight, dtype),
+            parameter(self, "bias"),
+            cast(A, dtype),
+            cast(B, dtype),
             scale=self.scaling,
             rank=self._active_rank,
             dropout=self.lora_dropout if self.training else 0.0,

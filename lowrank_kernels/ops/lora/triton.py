@@ -488,9 +488,9 @@ def weight_grad(t, x, v, *, scale, rank_start, rank, p_drop=0.0, seed=0) -> Tens
         HAS_RANK_SCALE=v is not None, HAS_DROPOUT=p_drop > 0.0,
         DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
         # 4 warps spill at 128 registers (Triton 3.9): 1 STL on sm_90 with dropout at rank tiles <= 32, 3 STL on sm_80
-        # without dropout at rank tile 64; 8 warps: 48-128 registers, none on 3.6 or 3.9, but with dropout at rank
-        # tile 64 (3 STL on sm_80), where 4 warps do not spill (aot_check)
-        num_warps=4 if p_drop > 0.0 and block_r == 64 else 8,
+        # without it at rank tile 64. 8 warps spill in the other two cases: with dropout at rank tile 64 (3 STL on
+        # sm_80), and without it with the rank scale at rank tile 32 (1 STL on sm_90). aot_check, Triton 3.6 and 3.9
+        num_warps=8 if (p_drop > 0.0) != (block_r == 64) else 4,
     )  # fmt: skip
     return out.sum(0) if splits > 1 else out[0]
 

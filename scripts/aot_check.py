@@ -746,7 +746,7 @@ def kernel_table(specs: list[Spec], results: dict, archs=ARCHS) -> str:
     for i, spec in enumerate(specs):
         groups.setdefault((spec.name, "16-bit" if spec.dtype in SIXTEEN_BIT else "fp32"), []).append(i)
     head = "| kernel | dtype | specs compiled | " + " | ".join(f"sm_{a} regs" for a in archs)
-    lines = [head + " | spill compiles (max STL) | smem (B) | sm_90 mma | waves |", "|" + "---|" * (6 + len(archs))]
+    lines = [head + " | spill compiles (max STL) | smem (B) | sm_90 mma | waves |", "|" + "---|" * (7 + len(archs))]
     for (name, kind), indices in sorted(groups.items()):
         done = [(i, a, results[(i, a)]) for i in indices for a in archs if (i, a) in results]
         ok = [(i, a, r) for i, a, r in done if not r["error"]]

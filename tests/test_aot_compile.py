@@ -184,7 +184,10 @@ def test_results_cache_resumes_a_sweep_and_the_time_limit_stops_it(tmp_path, mon
     assert aot_check.compile_all(few, workers=1, results_file=cache) == full and len(calls) == len(full)
     table, failures = aot_check.report(few, full)
     assert failures == [] and "compiled 6 of 6" in aot_check.summarise(few, full, aot_check.ARCHS, failures, 1.0)
-    assert all(f"| {s.name} |" in aot_check.kernel_table(few, full) for s in few)
+    kernels = aot_check.kernel_table(few, full)
+    assert all(f"| {s.name} |" in kernels for s in few)
+    for markdown in (table, kernels):  # header, separator and rows: one column count (else it renders as text)
+        assert len({line.count("|") for line in markdown.splitlines() if line.startswith("|")}) == 1
     partial = {k: v for k, v in full.items() if k[0] != 0}
     assert "compiled 4 of 6" in aot_check.summarise(few, partial, aot_check.ARCHS, [], 1.0)
 

@@ -125,7 +125,7 @@ def _dtype_reason(name: str, tensors: Sequence[torch.Tensor | None]) -> str | No
         return None
     for t in tensors:  # a loop, not a set of dtypes: on every call's host path
         if t is not None and t.dtype not in _KERNEL_DTYPE_SET and t.dtype.is_floating_point:
-            floating = {str(t.dtype) for t in tensors if t is not None and t.dtype.is_floating_point}
+            floating = {str(u.dtype) for u in tensors if u is not None and u.dtype.is_floating_point}
             return f"its kernels take float16/bfloat16/float32, got {sorted(floating)}"
     return None
 

@@ -334,15 +334,14 @@ def _tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumulators: 
     halve BLOCK_M to keep both in registers (2 x 64 x 128 fp32 over 8 warps: 64 registers a thread); DROPPED_X's
     stages also hold an xd tile (the dropout epilogue's do not: it only costs the pipeline a little depth).
     """
+    # Unfused 16-row decode (the dx GEMM, R > 128): 4 warps spill with the dropout epilogue (8-16 STL on sm_90,
+    # Triton 3.9) or the rank loop at rank tile 64 (2 STL on sm_80, 3.6); 8 warps with 4 stages spill 12-20 STL on
+    # sm_80 (3.6); 8 warps, 2 stages: 58-64 registers, none on either (aot_check).
+    unfused_16_rows = M <= 16 and fused_rank_block == 0 and dtype != torch.float32
     if M <= FUSED_SHRINK_MAX_M:  # decode: memory bound on W; narrow N tiles give >= 1 program per SM
         block_m = max(16, next_power_of_2(M))
         # More than 16 rows: 8 warps hold the [BLOCK_M, BLOCK_R] shrink accumulator (or the second accumulator)
         # beside the output's without spilling, and at BLOCK_M = 64 Hopper's wgmma applies (64-row warpgroups).
-        # Unfused 16-row decode (the dx GEMM, R > 128): 4 warps spill with the dropout epilogue (8-16 STL on sm_90,
-        # Triton 3.9) or the rank loop at rank tile 64 (2 STL on sm_80, 3.6); 8 warps with 4 stages spill 12-20 STL
-        # on sm_80 (3.6); 8 warps, 2 stages: 58-64 registers, none on either (aot_check).
-        unfused_16_rows = block_m == 16 and fused_rank_block == 0 and dtype != torch.float32
-        most_stages = 2 if unfused_16_rows else 4
         warps = 8 if block_m > 16 or unfused_16_rows else 4
         tiles = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=warps)
         if (
@@ -360,13 +359,15 @@ def _tiles(M: int, dtype: torch.dtype, fused_rank_block: int, two_accumulators: 
             # registers, none).
             tiles["BLOCK_K"] = 64
     elif dtype == torch.float32:
-        tiles, most_stages = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4), 4
+        tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4)
     else:
-        tiles, most_stages = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8), 4
+        tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8)
     if two_accumulators and M > FUSED_SHRINK_MAX_M and dtype != torch.float32:
         tiles["BLOCK_M"] = 64
     rows_per_stage = tiles["BLOCK_M"] * (2 if two_accumulators else 1) + tiles["BLOCK_N"] + fused_rank_block
-    tiles["num_stages"] = pipeline_stages(rows_per_stage, tiles["BLOCK_K"], dtype.itemsize, most=most_stages)
+    tiles["num_stages"] = pipeline_stages(
+        rows_per_stage, tiles["BLOCK_K"], dtype.itemsize, most=2 if unfused_16_rows else 4
+    )
     return tiles
 
 
